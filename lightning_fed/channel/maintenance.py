@@ -1,0 +1,69 @@
+"""Looking into and removing a task's storage without any node's keys."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_fed.channel.names import validate_name
+from lightning_fed.channel.store import Store
+
+
+@dataclass
+class TaskSummary:
+    """What a task's storage holds right now.
+
+    Attributes:
+        pending: (recipient, sender) -> number of envelopes not yet consumed.
+        blobs: sender -> number of tensor blobs stored.
+        blob_bytes: sender -> total bytes of those blobs.
+        other: keys that are neither envelopes nor blobs.
+    """
+
+    task_id: str
+    pending: Counter[tuple[str, str]] = field(default_factory=Counter)
+    blobs: Counter[str] = field(default_factory=Counter)
+    blob_bytes: Counter[str] = field(default_factory=Counter)
+    other: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """A human-readable report."""
+        out = [f"task {self.task_id!r}"]
+        if not (self.pending or self.blobs or self.other):
+            out.append("  (empty)")
+        for (recipient, sender), n in sorted(self.pending.items()):
+            out.append(f"  {n:6d} unread message(s) {sender} -> {recipient}")
+        for sender, n in sorted(self.blobs.items()):
+            mb = self.blob_bytes[sender] / 1e6
+            out.append(f"  {n:6d} tensor blob(s) from {sender} ({mb:.1f} MB)")
+        out.extend(f"  other: {k}" for k in self.other)
+        return out
+
+
+def inspect_task(
+    url: str, task_id: str, storage_options: Mapping[str, Any] | None = None
+) -> TaskSummary:
+    """Summarise the unread messages and stored blobs of ``task_id`` under ``url``."""
+    validate_name(task_id, "task id")
+    store = Store(url, storage_options)
+    summary = TaskSummary(task_id)
+    for key in store.list(task_id):
+        parts = key.split("/")
+        if len(parts) == 5 and parts[1] == "inbox":
+            summary.pending[(parts[2], parts[3])] += 1
+        elif len(parts) == 4 and parts[1] == "blobs":
+            summary.blobs[parts[2]] += 1
+            summary.blob_bytes[parts[2]] += int(store.fs.size(store.path(key)) or 0)
+        else:
+            summary.other.append(key)
+    return summary
+
+
+def remove_task(
+    url: str, task_id: str, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """Delete everything stored for ``task_id`` under ``url`` (messages and blobs)."""
+    validate_name(task_id, "task id")
+    Store(url, storage_options).delete_tree(task_id)

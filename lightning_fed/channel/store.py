@@ -1,0 +1,175 @@
+"""Atomic publish, fresh listing and reads over any fsspec filesystem.
+
+This is the only module that talks to fsspec. It knows nothing about messages:
+it publishes complete byte strings under relative keys, lists keys under a
+prefix without trusting any listing cache, reads and deletes.
+
+Publishing is atomic: a reader sees either nothing or the complete object.
+
+- Local (and NFS) directories: write a temporary file in the *same* directory,
+  flush, fsync, then ``os.replace`` it onto the final name and fsync the directory.
+- SFTP/SSH: write a temporary file in the same directory, then rename it.
+- Object stores (S3, GCS, Azure, memory): one ``pipe`` of the complete bytes,
+  which is a single PUT (or a multipart upload, which only appears on completion).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".tmp-"
+_RENAME_PROTOCOLS = {"sftp", "ssh"}
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    proto = fs.protocol
+    return {proto} if isinstance(proto, str) else set(proto)
+
+
+class Store:
+    """Byte objects under a root URL, published atomically.
+
+    Args:
+        url: any fsspec URL or local path (``file:///tmp/fl``, ``s3://bucket/fl``,
+            ``memory://fl``...).
+        storage_options: passed to the fsspec filesystem (credentials, ``endpoint_url``...).
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        self.root = root.rstrip("/") or "/"
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.rename_publish = bool(_protocols(self.fs) & _RENAME_PROTOCOLS)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def path(self, key: str) -> str:
+        """The filesystem path of a relative key."""
+        return posixpath.join(self.root, key) if key else self.root
+
+    def key(self, path: str) -> str:
+        """The relative key of a filesystem path returned by a listing."""
+        path = self.fs._strip_protocol(path)
+        root = self.fs._strip_protocol(self.root).rstrip("/")
+        if path == root:
+            return ""
+        if not path.startswith(root + "/"):
+            raise ValueError(f"{path!r} is not under {root!r}")
+        return path[len(root) + 1 :]
+
+    def publish(self, key: str, data: bytes) -> None:
+        """Make ``data`` visible under ``key`` all at once (see the module docstring)."""
+        path = self.path(key)
+        if self.local:
+            self._publish_local(path, data)
+        elif self.rename_publish:
+            parent = posixpath.dirname(path)
+            tmp = posixpath.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
+            self.fs.makedirs(parent, exist_ok=True)
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    @staticmethod
+    def _publish_local(path: str, data: bytes) -> None:
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def list(self, prefix: str) -> list[str]:
+        """All published keys under ``prefix`` (recursively), sorted, freshly listed.
+
+        Temporary files of publishes still under way (or killed) are left out.
+        """
+        path = self.path(prefix)
+        if self.local:
+            return self._list_local(path)
+        self.fs.invalidate_cache(path)
+        try:
+            found = self.fs.find(path)
+        except FileNotFoundError:
+            return []
+        keys = []
+        for p in found:
+            k = self.key(p)
+            if not posixpath.basename(k).startswith(TEMP_PREFIX):
+                keys.append(k)
+        return sorted(keys)
+
+    def _list_local(self, path: str) -> list[str]:
+        keys = []
+        base = self.fs._strip_protocol(self.root).rstrip("/")
+        for dirpath, _dirs, files in os.walk(path):
+            rel = os.path.relpath(dirpath, base).replace(os.sep, "/")
+            for name in files:
+                if not name.startswith(TEMP_PREFIX):
+                    keys.append(name if rel == "." else f"{rel}/{name}")
+        return sorted(keys)
+
+    def read(self, key: str) -> bytes:
+        """The bytes under ``key``; raises FileNotFoundError if there are none."""
+        path = self.path(key)
+        if self.local:
+            with open(path, "rb") as fh:
+                return fh.read()
+        return bytes(self.fs.cat_file(path))
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is published (never answered from a listing cache)."""
+        path = self.path(key)
+        if self.local:
+            return os.path.exists(path)
+        self.fs.invalidate_cache(path)
+        return bool(self.fs.exists(path))
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+        path = self.path(key)
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        if not self.local:
+            self.fs.invalidate_cache(posixpath.dirname(path))
+
+    def delete_tree(self, prefix: str) -> None:
+        """Remove everything under ``prefix`` (a missing prefix is not an error)."""
+        path = self.path(prefix)
+        self.fs.invalidate_cache(path)
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(path)

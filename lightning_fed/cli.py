@@ -1,0 +1,142 @@
+"""The ``lightning-fed`` command: keys, task configurations, inspecting and cleaning storage.
+
+Examples::
+
+    lightning-fed keys new hospital-a --dir keys/
+    lightning-fed keys task --task-id mnist-2026 keys/*.pub --out task.json
+    lightning-fed keys federation --task-id demo --nodes agg c1 c2 --dir keys/
+    lightning-fed inspect s3://bucket/federation --task-id mnist-2026
+    lightning-fed clean s3://bucket/federation --task-id mnist-2026 --yes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_fed import __version__
+from lightning_fed.channel import (
+    ChannelError,
+    NodeIdentity,
+    TaskConfig,
+    inspect_task,
+    remove_task,
+)
+
+
+def _storage_options(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--storage-options must be a JSON object: {exc}") from exc
+    if not isinstance(opts, dict):
+        raise SystemExit("--storage-options must be a JSON object, e.g. '{\"anon\": false}'")
+    return opts
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    private, public = NodeIdentity.generate(args.node_id).save(args.dir)
+    print(f"wrote {private} (keep it secret) and {public} (share it)")
+    return 0
+
+
+def _keys_task(args: argparse.Namespace) -> int:
+    cfg = TaskConfig.from_public_key_files(args.task_id, args.public_keys)
+    if args.out:
+        cfg.save(args.out)
+        print(f"wrote {args.out} with nodes: {', '.join(cfg.node_ids)}")
+    else:
+        print(cfg.to_json())
+    return 0
+
+
+def _keys_federation(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    publics = []
+    for node_id in args.nodes:
+        _, public = NodeIdentity.generate(node_id).save(directory)
+        publics.append(public)
+    out = directory / "task.json"
+    TaskConfig.from_public_key_files(args.task_id, publics).save(out)  # type: ignore[arg-type]
+    print(f"wrote keys of {', '.join(args.nodes)} and {out} into {directory}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    summary = inspect_task(args.url, args.task_id, _storage_options(args.storage_options))
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _clean(args: argparse.Namespace) -> int:
+    if not args.yes:
+        print(
+            f"this deletes every message and tensor of task {args.task_id!r} under {args.url}; "
+            "run again with --yes to do it",
+            file=sys.stderr,
+        )
+        return 2
+    remove_task(args.url, args.task_id, _storage_options(args.storage_options))
+    print(f"removed task {args.task_id!r} from {args.url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lightning-fed``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-fed", description="Federated learning for PyTorch Lightning."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    keys = sub.add_parser("keys", help="make node key pairs and task configurations")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="make one node's Ed25519 key pair")
+    new.add_argument("node_id")
+    new.add_argument("--dir", default=".", help="where to write NODE.key and NODE.pub")
+    new.set_defaults(func=_keys_new)
+    task = keys_sub.add_parser("task", help="make a task configuration from NODE.pub files")
+    task.add_argument("--task-id", required=True)
+    task.add_argument("public_keys", nargs="+", help="NODE.pub files (node id = file name)")
+    task.add_argument("--out", help="write here instead of printing")
+    task.set_defaults(func=_keys_task)
+    fed = keys_sub.add_parser(
+        "federation", help="make every node's keys and the task configuration (simulations)"
+    )
+    fed.add_argument("--task-id", required=True)
+    fed.add_argument("--nodes", nargs="+", required=True)
+    fed.add_argument("--dir", required=True)
+    fed.set_defaults(func=_keys_federation)
+
+    for name, func, text in (
+        ("inspect", _inspect, "show unread messages and stored tensors of a task"),
+        ("clean", _clean, "delete a task's whole storage"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("url", help="the channel URL (local path, file://, s3://...)")
+        p.add_argument("--task-id", required=True)
+        p.add_argument("--storage-options", help="fsspec options as a JSON object")
+        if name == "clean":
+            p.add_argument("--yes", action="store_true", help="really delete")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-fed`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ChannelError as exc:
+        print(f"lightning-fed: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""The channel conformance suite, run against memory://, file:// and s3:// (moto server)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lightning_fed.channel import (
+    MAX_BODY_BYTES,
+    ChannelError,
+    ChannelTimeoutError,
+    InvalidNameError,
+    MessageTooLargeError,
+    inspect_task,
+    remove_task,
+)
+from tests.channel.helpers import Federation
+from tests.conftest import Backend
+
+
+@pytest.fixture
+def fed() -> Federation:
+    return Federation.make("agg", "c1", "c2")
+
+
+def test_body_and_tensors_round_trip(backend: Backend, fed: Federation) -> None:
+    agg, c1 = fed.channel(backend, "agg"), fed.channel(backend, "c1")
+    tensors = {
+        "conv.weight": torch.randn(4, 3, 5, 5),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "half": torch.randn(3, 2).to(torch.bfloat16),
+        "mask": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 3),
+        "ids": torch.arange(10, dtype=torch.int64),
+    }
+    seq = c1.send("update", {"n": 128, "loss": 0.25}, to="agg", round=3, tensors=tensors)
+    msg = agg.receive("update", sender="c1", round=3, timeout=10)
+    assert (msg.sender, msg.recipient, msg.kind, msg.round, msg.seq) == ("c1", "agg", "update", 3, seq)
+    assert msg.body == {"n": 128, "loss": 0.25}
+    assert msg.tensors.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert msg.tensors[name].dtype == t.dtype
+        assert torch.equal(msg.tensors[name], t)
+
+
+def test_message_without_tensors_has_empty_tensors(backend: Backend, fed: Federation) -> None:
+    fed.channel(backend, "c1").send("hello", {"x": [1, 2]}, to="agg")
+    msg = fed.channel(backend, "agg").receive("hello", timeout=10)
+    assert msg.body == {"x": [1, 2]} and msg.tensors == {}
+
+
+def test_broadcast_reaches_every_peer_and_stores_blob_once(
+    backend: Backend, fed: Federation
+) -> None:
+    agg = fed.channel(backend, "agg")
+    agg.send("weights", {"r": 1}, round=1, tensors={"w": torch.ones(3)})
+    summary = inspect_task(backend.url, "task-1", backend.storage_options)
+    assert summary.blobs == {"agg": 1}
+    assert summary.pending == {("c1", "agg"): 1, ("c2", "agg"): 1}
+    for node in ("c1", "c2"):
+        msg = fed.channel(backend, node).receive("weights", sender="agg", round=1, timeout=10)
+        assert torch.equal(msg.tensors["w"], torch.ones(3))
+    assert fed.channel(backend, "agg").poll() == []  # the sender does not get its own broadcast
+
+
+def test_filters_leave_other_messages_pending(backend: Backend, fed: Federation) -> None:
+    c1, c2, agg = (fed.channel(backend, n) for n in ("c1", "c2", "agg"))
+    c1.send("update", {"i": 1}, to="agg", round=1)
+    c1.send("metrics", {"i": 2}, to="agg", round=1)
+    c2.send("update", {"i": 3}, to="agg", round=2)
+    assert agg.receive("metrics", timeout=10).body == {"i": 2}
+    assert agg.receive(sender="c2", timeout=10).body == {"i": 3}
+    assert agg.poll("update", round=2) == []
+    assert [m.body["i"] for m in agg.poll()] == [1]
+    assert agg.poll() == []
+
+
+def test_order_per_sender_is_preserved(backend: Backend, fed: Federation) -> None:
+    c1, agg = fed.channel(backend, "c1"), fed.channel(backend, "agg")
+    for i in range(25):
+        c1.send("tick", {"i": i}, to="agg")
+    got = [agg.receive("tick", sender="c1", timeout=10).body["i"] for _ in range(25)]
+    assert got == list(range(25))
+
+
+def test_receive_times_out_naming_what_and_whom(backend: Backend, fed: Federation) -> None:
+    agg = fed.channel(backend, "agg", poll_max=0.05)
+    start = time.monotonic()
+    with pytest.raises(ChannelTimeoutError) as info:
+        agg.receive("update", sender="c2", round=4, timeout=0.3)
+    elapsed = time.monotonic() - start
+    assert 0.3 <= elapsed < 5
+    text = str(info.value)
+    assert "update" in text and "round 4" in text and "c2" in text
+    assert info.value.missing == ["c2"]
+
+
+def test_gather_returns_one_per_sender_or_reports_missing(
+    backend: Backend, fed: Federation
+) -> None:
+    c1, c2, agg = (fed.channel(backend, n) for n in ("c1", "c2", "agg"))
+    c1.send("update", {"n": 1}, to="agg", round=5)
+    c2.send("update", {"n": 2}, to="agg", round=5)
+    got = agg.gather("update", ["c1", "c2"], round=5, timeout=10)
+    assert {s: m.body["n"] for s, m in got.items()} == {"c1": 1, "c2": 2}
+    c1.send("update", {"n": 1}, to="agg", round=6)
+    with pytest.raises(ChannelTimeoutError) as info:
+        agg.gather("update", ["c1", "c2"], round=6, timeout=0.3)
+    assert info.value.missing == ["c2"]
+    assert list(info.value.partial) == ["c1"]
+
+
+def test_consume_false_keeps_envelope_until_ack(backend: Backend, fed: Federation) -> None:
+    fed.channel(backend, "c1").send("update", {}, to="agg")
+    agg = fed.channel(backend, "agg")
+    msg = agg.receive(timeout=10, consume=False)
+    assert inspect_task(backend.url, "task-1", backend.storage_options).pending
+    assert agg.poll() == []  # delivered once only
+    agg.ack(msg)
+    assert not inspect_task(backend.url, "task-1", backend.storage_options).pending
+
+
+def test_prune_sent_removes_blobs_once_all_recipients_consumed(
+    backend: Backend, fed: Federation
+) -> None:
+    agg = fed.channel(backend, "agg")
+    agg.send("weights", {}, round=1, tensors={"w": torch.zeros(4)})
+    fed.channel(backend, "c1").receive("weights", timeout=10)
+    assert agg.prune_sent() == 0  # c2 has not read it yet
+    fed.channel(backend, "c2").receive("weights", timeout=10)
+    assert agg.prune_sent() == 1
+    assert not inspect_task(backend.url, "task-1", backend.storage_options).blobs
+
+
+def test_destroy_task_and_remove_task(backend: Backend, fed: Federation) -> None:
+    agg = fed.channel(backend, "agg")
+    agg.send("weights", {}, tensors={"w": torch.zeros(4)})
+    agg.destroy_task()
+    summary = inspect_task(backend.url, "task-1", backend.storage_options)
+    assert not (summary.pending or summary.blobs or summary.other)
+    agg.send("weights", {}, tensors={"w": torch.zeros(4)})
+    remove_task(backend.url, "task-1", backend.storage_options)
+    assert fed.channel(backend, "c1").poll() == []
+
+
+def test_tasks_sharing_a_url_are_isolated(backend: Backend) -> None:
+    one, two = Federation.make("a", "b", task_id="one"), Federation.make("a", "b", task_id="two")
+    one.channel(backend, "a").send("x", {"task": 1}, to="b")
+    two.channel(backend, "a").send("x", {"task": 2}, to="b")
+    assert [m.body for m in two.channel(backend, "b").poll()] == [{"task": 2}]
+    assert [m.body for m in one.channel(backend, "b").poll()] == [{"task": 1}]
+
+
+def test_listing_cache_is_never_trusted(backend: Backend, fed: Federation) -> None:
+    agg = fed.channel(backend, "agg")
+    assert agg.poll() == []  # warm any listing cache with an empty inbox
+    agg.store.fs.ls(agg.store.path("task-1"), detail=False) if agg.store.fs.exists(
+        agg.store.path("task-1")
+    ) else None
+    fed.channel(backend, "c1").send("late", {}, to="agg")
+    assert agg.receive("late", timeout=10).sender == "c1"
+
+
+def test_bad_arguments_fail_clearly(backend: Backend, fed: Federation) -> None:
+    c1 = fed.channel(backend, "c1")
+    with pytest.raises(ChannelError, match="unknown recipient 'nobody'"):
+        c1.send("x", {}, to="nobody")
+    with pytest.raises(InvalidNameError, match="message kind"):
+        c1.send("../x", {}, to="agg")
+    with pytest.raises(TypeError, match="JSON"):
+        c1.send("x", {"t": torch.ones(1)}, to="agg")
+    with pytest.raises(TypeError, match="JSON"):
+        c1.send("x", {"v": float("nan")}, to="agg")
+    with pytest.raises(MessageTooLargeError):
+        c1.send("x", {"s": "a" * MAX_BODY_BYTES}, to="agg")
+    with pytest.raises(TypeError, match="not a torch.Tensor"):
+        c1.send("x", {}, to="agg", tensors={"w": [1.0]})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="deadline"):
+        c1.receive(timeout=0)
+    with pytest.raises(ValueError, match="deadline"):
+        c1.receive(timeout=float("inf"))
+    assert c1.poll() == [] and fed.channel(backend, "agg").poll() == []  # nothing was sent
