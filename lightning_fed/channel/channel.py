@@ -32,7 +32,12 @@ from lightning_fed.channel.keys import NodeIdentity, TaskConfig
 from lightning_fed.channel.names import validate_name
 from lightning_fed.channel.polling import Backoff
 from lightning_fed.channel.store import Store
-from lightning_fed.channel.tensors import decode_tensors, encode_tensors, sha256_hex
+from lightning_fed.channel.tensors import (
+    StreamingHash,
+    allocate_buffer,
+    decode_tensors,
+    encode_tensors,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -223,13 +228,12 @@ class Channel:
         seq = self._next_seq()
         blob: BlobRef | None = None
         if tensors is not None:
-            data = encode_tensors(tensors)
-            blob = BlobRef(
-                f"blobs/{self.node_id}/{seq:0{SEQ_DIGITS}d}{BLOB_SUFFIX}",
-                sha256_hex(data),
-                len(data),
-            )
-            store.publish(self._task_key(blob.path), data)
+            encoded = encode_tensors(tensors)
+            path = f"blobs/{self.node_id}/{seq:0{SEQ_DIGITS}d}{BLOB_SUFFIX}"
+            digest = StreamingHash()
+            digest.feed_all(encoded.chunks)  # hashed on another core while written
+            store.publish(self._task_key(path), encoded.chunks)
+            blob = BlobRef(path, digest.hexdigest(), encoded.size)
         keys = []
         sent_at = time.time()
         for recipient in recipients:
@@ -473,15 +477,20 @@ class Channel:
         def fail(reason: str) -> BlobIntegrityError:
             return BlobIntegrityError(env.sender, env.kind, env.seq, env.round, reason)
 
+        buffer = allocate_buffer(ref.size)
+        digest = StreamingHash()
         try:
-            data = self.store.read(self._task_key(ref.path))
+            for chunk in self.store.read_into(self._task_key(ref.path), buffer):
+                digest.feed(chunk)  # hashed on another core while the next chunk is read
         except FileNotFoundError:
+            digest.hexdigest()
             raise fail(f"blob {ref.path!r} is missing") from None
-        if len(data) != ref.size:
-            raise fail(f"blob {ref.path!r} has {len(data)} bytes, expected {ref.size} (truncated)")
-        if sha256_hex(data) != ref.sha256:
+        except ValueError as exc:
+            digest.hexdigest()
+            raise fail(f"blob {ref.path!r} {exc} (truncated or replaced)") from None
+        if digest.hexdigest() != ref.sha256:
             raise fail(f"blob {ref.path!r} does not match its SHA-256 (corrupted)")
         try:
-            return decode_tensors(data)
+            return decode_tensors(buffer)
         except ValueError as exc:
             raise fail(str(exc)) from exc

@@ -16,10 +16,11 @@ Publishing is atomic: a reader sees either nothing or the complete object.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import posixpath
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -69,31 +70,41 @@ class Store:
             raise ValueError(f"{path!r} is not under {root!r}")
         return path[len(root) + 1 :]
 
-    def publish(self, key: str, data: bytes) -> None:
-        """Make ``data`` visible under ``key`` all at once (see the module docstring)."""
+    def publish(self, key: str, data: bytes | Sequence[memoryview | bytes]) -> None:
+        """Make ``data`` visible under ``key`` all at once (see the module docstring).
+
+        Args:
+            key: the relative key.
+            data: the bytes, or a sequence of chunks to be stored back to back (written
+                one by one to local files, joined into one PUT for object stores).
+        """
         path = self.path(key)
+        chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else data
         if self.local:
-            self._publish_local(path, data)
-        elif self.rename_publish:
+            self._publish_local(path, chunks)
+            return
+        whole = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.rename_publish:
             parent = posixpath.dirname(path)
             tmp = posixpath.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
             self.fs.makedirs(parent, exist_ok=True)
-            self.fs.pipe_file(tmp, data)
+            self.fs.pipe_file(tmp, bytes(whole))
             self.fs.mv(tmp, path)
         else:
-            self.fs.pipe_file(path, data)
+            self.fs.pipe_file(path, bytes(whole))
 
     @staticmethod
-    def _publish_local(path: str, data: bytes) -> None:
+    def _publish_local(path: str, chunks: Sequence[memoryview | bytes]) -> None:
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -117,11 +128,15 @@ class Store:
             return self._list_local(path)
         self.fs.invalidate_cache(path)
         try:
-            found = self.fs.find(path)
+            found = self.fs.find(path, detail=True)
         except FileNotFoundError:
             return []
         keys = []
-        for p in found:
+        for p, info in found.items():
+            # s3fs's find falls back to info(path) on an empty listing, which can race
+            # with a new object and report the prefix itself as a directory: skip it.
+            if info.get("type") != "file":
+                continue
             k = self.key(p)
             if not posixpath.basename(k).startswith(TEMP_PREFIX):
                 keys.append(k)
@@ -144,6 +159,37 @@ class Store:
             with open(path, "rb") as fh:
                 return fh.read()
         return bytes(self.fs.cat_file(path))
+
+    def read_into(
+        self, key: str, buffer: bytearray | mmap.mmap, chunk: int = 4 << 20
+    ) -> Iterator[memoryview]:
+        """Fill ``buffer`` with the object under ``key``, yielding each filled slice.
+
+        The caller can process (hash) each slice while the next one is read.
+
+        Raises:
+            FileNotFoundError: if nothing is stored under ``key``.
+            ValueError: if the object is not exactly ``len(buffer)`` bytes long.
+        """
+        view = memoryview(buffer)
+        if not self.local:
+            data = self.read(key)
+            if len(data) != len(buffer):
+                raise ValueError(f"has {len(data)} bytes, expected {len(buffer)}")
+            view[:] = data
+            yield view
+            return
+        with open(self.path(key), "rb", buffering=0) as fh:
+            done = 0
+            while done < len(buffer):
+                n = fh.readinto(view[done : done + chunk])
+                if not n:
+                    raise ValueError(f"has {done} bytes, expected {len(buffer)}")
+                yield view[done : done + n]
+                done += n
+            extra = len(fh.read(1))
+            if extra:
+                raise ValueError(f"has more than the expected {len(buffer)} bytes")
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is published (never answered from a listing cache)."""
