@@ -128,34 +128,50 @@ def channel_seconds(
     return elapsed
 
 
-def run(label: str, url: str, opts: dict[str, Any], keydir: str, disk: Path, args: argparse.Namespace) -> None:
+def run(
+    label: str, url: str, opts: dict[str, Any], keydir: str, disk: Path, args: argparse.Namespace
+) -> None:
     rtt = ping_pong(url, opts, keydir, args.rounds)
     q = statistics.quantiles(rtt, n=20)
-    print(f"[{label}] ping-pong round trip over {len(rtt)} rounds: "
-          f"median {statistics.median(rtt):.1f} ms, p95 {q[18]:.1f} ms (target: median <= 20 ms)")
+    print(
+        f"[{label}] ping-pong round trip over {len(rtt)} rounds: "
+        f"median {statistics.median(rtt):.1f} ms, p95 {q[18]:.1f} ms (target: median <= 20 ms)"
+    )
     sd = state_dict_100mb()
     mb = sum(t.numel() * t.element_size() for t in sd.values()) / 1e6
     base = [baseline_seconds(sd, disk) for _ in range(args.repeats)]
     chan = [channel_seconds(sd, url, opts, keydir) for _ in range(args.repeats)]
     b, c = statistics.median(base), statistics.median(chan)
-    print(f"[{label}] {mb:.0f} MB state_dict: channel send+receive {c:.3f} s ({mb / c:.0f} MB/s), "
-          f"safetensors save_file+load_file {b:.3f} s ({mb / b:.0f} MB/s); "
-          f"throughput ratio {b / c:.2f} (target >= 0.5)")
+    print(
+        f"[{label}] {mb:.0f} MB state_dict: channel send+receive {c:.3f} s ({mb / c:.0f} MB/s), "
+        f"safetensors save_file+load_file {b:.3f} s ({mb / b:.0f} MB/s); "
+        f"throughput ratio {b / c:.2f} (target >= 0.5)"
+    )
     bt = statistics.median([baseline_touched_seconds(sd, disk) for _ in range(args.repeats)])
-    ct = statistics.median([channel_seconds(sd, url, opts, keydir, True) for _ in range(args.repeats)])
-    print(f"[{label}] same, each side then copying the tensors into a model's buffers: channel "
-          f"{ct:.3f} s, safetensors {bt:.3f} s; throughput ratio {bt / ct:.2f}")
+    ct = statistics.median(
+        [channel_seconds(sd, url, opts, keydir, True) for _ in range(args.repeats)]
+    )
+    print(
+        f"[{label}] same, each side then copying the tensors into a model's buffers: channel "
+        f"{ct:.3f} s, safetensors {bt:.3f} s; throughput ratio {bt / ct:.2f}"
+    )
     if label.startswith("file"):
         h = statistics.median([sha256_seconds(sd) for _ in range(args.repeats)])
-        print(f"[{label}] for scale: one SHA-256 pass over {mb:.0f} MB takes {h:.3f} s here; the "
-              "channel makes two (sender signs the digest, receiver verifies it)")
+        print(
+            f"[{label}] for scale: one SHA-256 pass over {mb:.0f} MB takes {h:.3f} s here; the "
+            "channel makes two (sender signs the digest, receiver verifies it)"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=200, help="ping-pong round trips")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the 100 MB transfer")
-    parser.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temp dir)")
+    parser.add_argument(
+        "--dir", default=None, help="directory on the disk to measure (default: a temp dir)"
+    )
     parser.add_argument("--skip-s3", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -169,7 +185,14 @@ def main() -> None:
         if not args.skip_s3:
             with local_s3() as endpoint:
                 opts = s3_storage_options(endpoint)
-                run("s3:// (moto on 127.0.0.1)", f"s3://{make_bucket(endpoint)}/fed", opts, str(keydir), root, args)
+                run(
+                    "s3:// (moto on 127.0.0.1)",
+                    f"s3://{make_bucket(endpoint)}/fed",
+                    opts,
+                    str(keydir),
+                    root,
+                    args,
+                )
 
 
 if __name__ == "__main__":

@@ -354,8 +354,9 @@ class Channel:
         """
         store = self.store
         remaining = {
-            k for r in {k.split("/")[2] for _, keys in self._sent.values() for k in keys}
-            for k in store.list(f"{self.task.task_id}/inbox/{r}/{self.node_id}")
+            k
+            for r in {k.split("/")[2] for _, keys in self._sent.values() for k in keys}
+            for k in store.list_keys(f"{self.task.task_id}/inbox/{r}/{self.node_id}")
         }
         removed = 0
         for seq, (blob_key, keys) in list(self._sent.items()):
@@ -395,7 +396,7 @@ class Channel:
 
     def _refresh(self) -> None:
         inbox = self._task_key(f"inbox/{self.node_id}")
-        fresh = [k for k in self.store.list(inbox) if k not in self._known]
+        fresh = [k for k in self.store.list_keys(inbox) if k not in self._known]
         # Sorted keys put each sender's envelopes in sequence order.
         for key in fresh:
             self._admit(key, len(inbox) + 1)

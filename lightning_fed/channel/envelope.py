@@ -15,9 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_fed.channel.errors import ChannelError, MessageTooLargeError
+from lightning_fed.channel.errors import ChannelError, InvalidNameError, MessageTooLargeError
 from lightning_fed.channel.keys import NodeIdentity, TaskConfig
-from lightning_fed.channel.names import InvalidNameError, validate_name
+from lightning_fed.channel.names import validate_name
 
 FORMAT_VERSION = 1
 MAX_BODY_BYTES = 1 << 20  # "small JSON body": 1 MiB of canonical JSON
@@ -112,7 +112,7 @@ def seal(envelope: Envelope, identity: NodeIdentity) -> bytes:
 
 def _field(payload: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = payload.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise EnvelopeRejected(f"field {name!r} is missing or has the wrong type")
     return value
 

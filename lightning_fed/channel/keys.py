@@ -210,9 +210,7 @@ class TaskConfig:
         return cls(task_id=data.get("task_id"), nodes=data["nodes"])  # type: ignore[arg-type]
 
     @classmethod
-    def from_public_key_files(
-        cls, task_id: str, paths: list[str | os.PathLike[str]]
-    ) -> TaskConfig:
+    def from_public_key_files(cls, task_id: str, paths: list[str | os.PathLike[str]]) -> TaskConfig:
         """Build a configuration from ``NODE.pub`` files (node id = file name)."""
         nodes: dict[str, str] = {}
         for p in map(Path, paths):

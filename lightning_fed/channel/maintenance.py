@@ -36,10 +36,16 @@ class TaskSummary:
         for (recipient, sender), n in sorted(self.pending.items()):
             out.append(f"  {n:6d} unread message(s) {sender} -> {recipient}")
         for sender, n in sorted(self.blobs.items()):
-            mb = self.blob_bytes[sender] / 1e6
-            out.append(f"  {n:6d} tensor blob(s) from {sender} ({mb:.1f} MB)")
+            out.append(f"  {n:6d} tensor blob(s) from {sender} ({_size(self.blob_bytes[sender])})")
         out.extend(f"  other: {k}" for k in self.other)
         return out
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def inspect_task(
@@ -49,7 +55,7 @@ def inspect_task(
     validate_name(task_id, "task id")
     store = Store(url, storage_options)
     summary = TaskSummary(task_id)
-    for key in store.list(task_id):
+    for key in store.list_keys(task_id):
         parts = key.split("/")
         if len(parts) == 5 and parts[1] == "inbox":
             summary.pending[(parts[2], parts[3])] += 1
@@ -61,9 +67,7 @@ def inspect_task(
     return summary
 
 
-def remove_task(
-    url: str, task_id: str, storage_options: Mapping[str, Any] | None = None
-) -> None:
+def remove_task(url: str, task_id: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Delete everything stored for ``task_id`` under ``url`` (messages and blobs)."""
     validate_name(task_id, "task id")
     Store(url, storage_options).delete_tree(task_id)

@@ -15,7 +15,7 @@ Publishing is atomic: a reader sees either nothing or the complete object.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import mmap
 import os
 import posixpath
@@ -25,8 +25,6 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-
-log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
 _RENAME_PROTOCOLS = {"sftp", "ssh"}
@@ -118,7 +116,7 @@ class Store:
         finally:
             os.close(dir_fd)
 
-    def list(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> list[str]:
         """All published keys under ``prefix`` (recursively), sorted, freshly listed.
 
         Temporary files of publishes still under way (or killed) are left out.
@@ -191,21 +189,11 @@ class Store:
             if extra:
                 raise ValueError(f"has more than the expected {len(buffer)} bytes")
 
-    def exists(self, key: str) -> bool:
-        """Whether ``key`` is published (never answered from a listing cache)."""
-        path = self.path(key)
-        if self.local:
-            return os.path.exists(path)
-        self.fs.invalidate_cache(path)
-        return bool(self.fs.exists(path))
-
     def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
         path = self.path(key)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
         if not self.local:
             self.fs.invalidate_cache(posixpath.dirname(path))
 

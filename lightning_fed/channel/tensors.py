@@ -16,6 +16,7 @@ Blobs written here load with ``safetensors.torch.load`` and vice versa.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -85,7 +86,7 @@ def _raw_view(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
-    return memoryview(flat.numpy())
+    return flat.numpy().data
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> EncodedTensors:
@@ -158,7 +159,11 @@ class StreamingHash:
 
     def feed_all(self, chunks: Iterable[memoryview | bytes]) -> None:
         """Queue all ``chunks`` as one task."""
-        self._last = self._pool.submit(lambda: [self._hash.update(c) for c in chunks] and None)
+        self._last = self._pool.submit(self._update_all, list(chunks))
+
+    def _update_all(self, chunks: list[memoryview | bytes]) -> None:
+        for chunk in chunks:
+            self._hash.update(chunk)
 
     def hexdigest(self) -> str:
         """Wait for every queued chunk and return the hex digest."""
@@ -182,10 +187,8 @@ def allocate_buffer(size: int) -> bytearray | mmap.mmap:
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is not None:
-        try:
+        with contextlib.suppress(OSError):  # THP disabled: ordinary pages are fine
             buf.madvise(advice)
-        except OSError:  # THP disabled: ordinary pages are fine
-            pass
     return buf
 
 
@@ -194,7 +197,9 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _check_entry(name: str, entry: Any, data_len: int, from_name: dict[str, Any]) -> tuple[Any, list[int], int, int]:
+def _check_entry(
+    name: str, entry: Any, data_len: int, from_name: dict[str, Any]
+) -> tuple[Any, list[int], int, int]:
     if not isinstance(entry, dict):
         raise ValueError(f"header entry {name!r} is not an object")
     dtype = from_name.get(entry.get("dtype"))  # type: ignore[arg-type]
@@ -265,7 +270,9 @@ def decode_tensors(buffer: bytearray | mmap.mmap) -> dict[str, torch.Tensor]:
         if offset % dtype.itemsize:  # unaligned data from a foreign writer: copy it
             raw = torch.frombuffer(bytearray(buffer[offset : start + end]), dtype=dtype)
         else:
-            raw = torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=offset)
+            raw = torch.frombuffer(
+                buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=offset
+            )
         t = raw.reshape(shape)
         if dtype == torch.bool and bool((t.view(torch.uint8) > 1).any()):
             raise ValueError(f"tensor {name!r} of dtype bool holds bytes other than 0 and 1")

@@ -37,7 +37,13 @@ def test_body_and_tensors_round_trip(backend: Backend, fed: Federation) -> None:
     }
     seq = c1.send("update", {"n": 128, "loss": 0.25}, to="agg", round=3, tensors=tensors)
     msg = agg.receive("update", sender="c1", round=3, timeout=10)
-    assert (msg.sender, msg.recipient, msg.kind, msg.round, msg.seq) == ("c1", "agg", "update", 3, seq)
+    assert (msg.sender, msg.recipient, msg.kind, msg.round, msg.seq) == (
+        "c1",
+        "agg",
+        "update",
+        3,
+        seq,
+    )
     assert msg.body == {"n": 128, "loss": 0.25}
     assert msg.tensors.keys() == tensors.keys()
     for name, t in tensors.items():
@@ -175,7 +181,7 @@ def test_bad_arguments_fail_clearly(backend: Backend, fed: Federation) -> None:
         c1.send("x", {"v": float("nan")}, to="agg")
     with pytest.raises(MessageTooLargeError):
         c1.send("x", {"s": "a" * MAX_BODY_BYTES}, to="agg")
-    with pytest.raises(TypeError, match="not a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"not a torch\.Tensor"):
         c1.send("x", {}, to="agg", tensors={"w": [1.0]})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="deadline"):
         c1.receive(timeout=0)

@@ -20,7 +20,22 @@ from lightning_fed.channel.names import validate_tensor_name
 from lightning_fed.channel.polling import Backoff
 from lightning_fed.cli import main
 
-BAD_NAMES = ["", "a/b", "..", "a..b", "../etc", ".hidden", "-x", "a b", "x\n", "tab\t", "é", "a" * 129, "a\\b", "nul\x00"]
+BAD_NAMES = [
+    "",
+    "a/b",
+    "..",
+    "a..b",
+    "../etc",
+    ".hidden",
+    "-x",
+    "a b",
+    "x\n",
+    "tab\t",
+    "é",
+    "a" * 129,
+    "a\\b",
+    "nul\x00",
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -110,14 +125,34 @@ def test_backoff_starts_small_caps_and_respects_deadline() -> None:
         Backoff(0.5, 0.1)
 
 
-def test_cli_makes_federation_and_manages_storage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_makes_federation_and_manages_storage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     keys = tmp_path / "keys"
-    assert main(["keys", "federation", "--task-id", "demo", "--nodes", "agg", "c1", "--dir", str(keys)]) == 0
+    assert (
+        main(
+            ["keys", "federation", "--task-id", "demo", "--nodes", "agg", "c1", "--dir", str(keys)]
+        )
+        == 0
+    )
     cfg = TaskConfig.load(keys / "task.json")
     assert cfg.node_ids == ["agg", "c1"]
     assert main(["keys", "new", "c2", "--dir", str(keys)]) == 0
     out = tmp_path / "task2.json"
-    assert main(["keys", "task", "--task-id", "demo", *map(str, sorted(keys.glob("*.pub"))), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "keys",
+                "task",
+                "--task-id",
+                "demo",
+                *map(str, sorted(keys.glob("*.pub"))),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert TaskConfig.load(out).node_ids == ["agg", "c1", "c2"]
 
     url = (tmp_path / "fed").as_uri()

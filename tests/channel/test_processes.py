@@ -52,7 +52,14 @@ def test_sigkill_mid_publish_never_exposes_partial_messages(
         marks = tmp_path / f"marks-{trial}.log"
         proc = SPAWN.Process(
             target=workers.endless_writer,
-            args=(shared_backend.url, shared_backend.storage_options, keydir, next_start, numel, str(marks)),
+            args=(
+                shared_backend.url,
+                shared_backend.storage_options,
+                keydir,
+                next_start,
+                numel,
+                str(marks),
+            ),
         )
         proc.start()
         try:
@@ -77,7 +84,10 @@ def test_sigkill_mid_publish_never_exposes_partial_messages(
     opts = {**shared_backend.storage_options}
     task = TaskConfig.load(Path(keydir) / "task.json")
     reader = Channel(
-        shared_backend.url, task, NodeIdentity.load(Path(keydir) / "reader.key"), storage_options=opts
+        shared_backend.url,
+        task,
+        NodeIdentity.load(Path(keydir) / "reader.key"),
+        storage_options=opts,
     ).connect()
     delivered = reader.poll("chunk")
     got = [m.body["i"] for m in delivered]
@@ -125,8 +135,10 @@ def test_sixteen_senders_lose_and_duplicate_nothing(
     assert not reader.rejections
 
 
-def test_ping_pong_between_processes_carries_tensors(shared_backend: Backend, tmp_path: Path) -> None:
-    keydir, task = _keys(tmp_path, "ping", "pong")
+def test_ping_pong_between_processes_carries_tensors(
+    shared_backend: Backend, tmp_path: Path
+) -> None:
+    keydir, _ = _keys(tmp_path, "ping", "pong")
     proc = SPAWN.Process(
         target=workers.ping_pong_responder,
         args=(shared_backend.url, shared_backend.storage_options, keydir, 5),

@@ -28,16 +28,21 @@ def _key(recipient: str, sender: str, seq: int, kind: str) -> str:
 
 def _envelope(sender: str, seq: int, **changes: object) -> Envelope:
     fields: dict[str, object] = dict(
-        task_id="task-1", sender=sender, recipient="agg", kind="update", round=1, seq=seq,
-        sent_at=time.time(), body={"n": 1}, blob=None,
+        task_id="task-1",
+        sender=sender,
+        recipient="agg",
+        kind="update",
+        round=1,
+        seq=seq,
+        sent_at=time.time(),
+        body={"n": 1},
+        blob=None,
     )
     fields.update(changes)
     return Envelope(**fields)  # type: ignore[arg-type]
 
 
-def _assert_rejected(
-    agg_channel: object, caplog: pytest.LogCaptureFixture, reason: str
-) -> None:
+def _assert_rejected(agg_channel: object, caplog: pytest.LogCaptureFixture, reason: str) -> None:
     from lightning_fed.channel import Channel
 
     assert isinstance(agg_channel, Channel)

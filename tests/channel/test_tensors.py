@@ -96,10 +96,30 @@ def _blob_with_header(header: object, data: bytes = b"") -> bytearray:
         (bytearray(struct.pack("<Q", 1 << 40) + b"{}"), "header length"),
         (bytearray(struct.pack("<Q", 2) + b"\xff\xfe"), "not JSON"),
         (_blob_with_header([1, 2]), "not an object"),
-        (_blob_with_header({"x": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unknown dtype"),
-        (_blob_with_header({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "malformed shape"),
-        (_blob_with_header({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 4), "outside the blob"),
-        (_blob_with_header({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "declares shape"),
+        (
+            _blob_with_header(
+                {"x": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+            ),
+            "unknown dtype",
+        ),
+        (
+            _blob_with_header(
+                {"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4
+            ),
+            "malformed shape",
+        ),
+        (
+            _blob_with_header(
+                {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 4
+            ),
+            "outside the blob",
+        ),
+        (
+            _blob_with_header(
+                {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4
+            ),
+            "declares shape",
+        ),
         (
             _blob_with_header(
                 {
@@ -110,9 +130,24 @@ def _blob_with_header(header: object, data: bytes = b"") -> bytearray:
             ),
             "overlaps or leaves gaps",
         ),
-        (_blob_with_header({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 9), "trailing"),
-        (_blob_with_header({"x": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x01\x07"), "bool"),
-        (_blob_with_header({"x\n": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\x01"), "tensor name"),
+        (
+            _blob_with_header(
+                {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 9
+            ),
+            "trailing",
+        ),
+        (
+            _blob_with_header(
+                {"x": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x01\x07"
+            ),
+            "bool",
+        ),
+        (
+            _blob_with_header(
+                {"x\n": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\x01"
+            ),
+            "tensor name",
+        ),
     ],
 )
 def test_malformed_blobs_raise_value_error_with_reason(buffer: bytearray, reason: str) -> None:
