@@ -133,8 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ChannelError as exc:
-        print(f"lightning-fed: error: {exc}", file=sys.stderr)
+    except (ChannelError, OSError, ValueError, ImportError) as exc:
+        # Bad URLs, missing fsspec backends and unreadable files end in one clear line.
+        print(f"lightning-fed: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -103,6 +103,7 @@ class Channel:
         timeout: default deadline of a receive, in seconds.
         poll_initial: first polling interval in seconds while waiting.
         poll_max: longest polling interval in seconds.
+        max_blob_bytes: the largest tensor blob this node accepts from a peer.
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class Channel:
         timeout: float = 300.0,
         poll_initial: float = 0.002,
         poll_max: float = 0.2,
+        max_blob_bytes: int = 32 << 30,
     ) -> None:
         if identity.node_id not in task.nodes:
             raise ChannelError(
@@ -136,6 +138,7 @@ class Channel:
         self.timeout = timeout
         self.poll_initial = poll_initial
         self.poll_max = poll_max
+        self.max_blob_bytes = max_blob_bytes
         self.rejections: list[Rejection] = []
         self._store: Store | None = None
         self._seq = 0
@@ -187,6 +190,11 @@ class Channel:
 
     def _recipients(self, to: Selector) -> list[str]:
         if to is None:
+            if not self.peers:
+                raise ChannelError(
+                    f"task {self.task.task_id!r} has no node besides {self.node_id!r}, so a "
+                    "message to every peer would reach nobody; hint: add the peers' public keys"
+                )
             return self.peers
         names = [to] if isinstance(to, str) else list(to)
         for name in names:
@@ -268,10 +276,10 @@ class Channel:
         Messages from one sender come in the order it sent them.
         """
         self._refresh()
-        out = []
+        taken = []
         while (found := self._take(kind, sender, round)) is not None:
-            out.append(self._deliver(*found, consume=consume))
-        return out
+            taken.append(found)
+        return self._deliver_all(taken, consume=consume)
 
     def receive(
         self,
@@ -301,7 +309,7 @@ class Channel:
             self._refresh()
             found = self._take(kind, sender, round)
             if found is not None:
-                return self._deliver(*found, consume=consume)
+                return self._deliver_all([found], consume=consume)[0]
             if not backoff.sleep():
                 senders = _as_set(sender)
                 raise ChannelTimeoutError(_describe(kind, round), senders or (), timeout)
@@ -324,20 +332,29 @@ class Channel:
         timeout = self._check_timeout(self.timeout if timeout is None else timeout)
         waiting = set(senders)
         got: dict[str, Message] = {}
+        taken: list[tuple[Envelope, str]] = []
         backoff = Backoff(self.poll_initial, self.poll_max, deadline_in=timeout)
         while waiting:
             self._refresh()
-            progressed = False
-            for s in sorted(waiting):
-                found = self._take(kind, s, round)
-                if found is not None:
-                    got[s] = self._deliver(*found, consume=consume)
-                    waiting.discard(s)
-                    progressed = True
-            if progressed:
+            found = [(s, self._take(kind, s, round)) for s in sorted(waiting)]
+            arrived = [(s, f) for s, f in found if f is not None]
+            try:
+                messages = self._deliver_all([f for _, f in arrived], consume=False)
+            except BlobIntegrityError:
+                self._restore(taken)
+                raise
+            taken.extend(f for _, f in arrived)
+            for (s, _), msg in zip(arrived, messages):
+                got[s] = msg
+                waiting.discard(s)
+            if arrived:
                 backoff.reset()
             if waiting and not backoff.sleep():
-                raise ChannelTimeoutError(_describe(kind, round), waiting, timeout, got)  # type: ignore[arg-type]
+                if consume:
+                    self._consume(key for _, key in taken)
+                raise ChannelTimeoutError(_describe(kind, round), waiting, timeout, dict(got))
+        if consume:
+            self._consume(key for _, key in taken)
         return got
 
     def ack(self, message: Message) -> None:
@@ -397,6 +414,11 @@ class Channel:
     def _refresh(self) -> None:
         inbox = self._task_key(f"inbox/{self.node_id}")
         fresh = [k for k in self.store.list_keys(inbox) if k not in self._known]
+        if fresh:
+            # A directory read that overlaps a sender's renames may return its later
+            # envelope without the earlier one. Every envelope published before one we
+            # saw was complete before this second listing began, so it is in it.
+            fresh = [k for k in self.store.list_keys(inbox) if k not in self._known]
         # Sorted keys put each sender's envelopes in sequence order.
         for key in fresh:
             self._admit(key, len(inbox) + 1)
@@ -452,24 +474,46 @@ class Channel:
             return None
         return self._pending[best[0]].pop(best[1])
 
-    def _deliver(self, env: Envelope, key: str, *, consume: bool) -> Message:
-        tensors: dict[str, torch.Tensor] = {}
-        if env.blob is not None:
-            tensors = self._load_blob(env)
+    def _deliver_all(self, taken: list[tuple[Envelope, str]], *, consume: bool) -> list[Message]:
+        """Turn taken envelopes into messages; all or nothing.
+
+        If one message's blob is unusable, the ones before it go back to the pending
+        queues untouched (still stored), and the error is raised.
+        """
+        out = []
+        for i, (env, key) in enumerate(taken):
+            try:
+                tensors = {} if env.blob is None else self._load_blob(env)
+            except BlobIntegrityError:
+                self._restore(taken[:i])
+                raise
+            out.append(
+                Message(
+                    sender=env.sender,
+                    recipient=env.recipient,
+                    kind=env.kind,
+                    round=env.round,
+                    seq=env.seq,
+                    sent_at=env.sent_at,
+                    body=env.body,
+                    tensors=tensors,
+                    key=key,
+                )
+            )
         if consume:
+            self._consume(key for _, key in taken)
+        return out
+
+    def _restore(self, taken: list[tuple[Envelope, str]]) -> None:
+        for env, key in taken:
+            queue = self._pending.setdefault(env.sender, [])
+            queue.append((env, key))
+            queue.sort(key=lambda item: item[0].seq)
+
+    def _consume(self, keys: Iterable[str]) -> None:
+        for key in keys:
             self.store.delete(key)
             self._known.discard(key)
-        return Message(
-            sender=env.sender,
-            recipient=env.recipient,
-            kind=env.kind,
-            round=env.round,
-            seq=env.seq,
-            sent_at=env.sent_at,
-            body=env.body,
-            tensors=tensors,
-            key=key,
-        )
 
     def _load_blob(self, env: Envelope) -> dict[str, torch.Tensor]:
         assert env.blob is not None
@@ -478,7 +522,16 @@ class Channel:
         def fail(reason: str) -> BlobIntegrityError:
             return BlobIntegrityError(env.sender, env.kind, env.seq, env.round, reason)
 
-        buffer = allocate_buffer(ref.size)
+        if ref.size > self.max_blob_bytes:
+            raise fail(
+                f"blob {ref.path!r} declares {ref.size} bytes, over this channel's "
+                f"max_blob_bytes={self.max_blob_bytes}; hint: raise max_blob_bytes if the "
+                "sender is trusted to send models this large"
+            )
+        try:
+            buffer = allocate_buffer(ref.size)
+        except (OSError, OverflowError, MemoryError) as exc:
+            raise fail(f"cannot allocate {ref.size} bytes for blob {ref.path!r}: {exc}") from exc
         digest = StreamingHash()
         try:
             for chunk in self.store.read_into(self._task_key(ref.path), buffer):

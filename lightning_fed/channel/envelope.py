@@ -91,6 +91,11 @@ def check_body(body: Any) -> dict[str, Any]:
             f"message body must be JSON-serialisable with no NaN/Infinity: {exc}; "
             "hint: send tensors as `tensors=`, not in the body"
         ) from exc
+    if json.loads(canonical_json(body)) != body:
+        raise TypeError(
+            "message body must survive a JSON round trip unchanged (string keys; lists, not "
+            "tuples); hint: convert it before sending"
+        )
     if size > MAX_BODY_BYTES:
         raise MessageTooLargeError(
             f"message body is {size} bytes of JSON, over the {MAX_BODY_BYTES}-byte limit; "

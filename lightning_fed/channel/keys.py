@@ -207,7 +207,9 @@ class TaskConfig:
                 f"task configuration {str(path)!r} must be an object with 'task_id' and "
                 "'nodes' (node id -> public key)"
             )
-        return cls(task_id=data.get("task_id"), nodes=data["nodes"])  # type: ignore[arg-type]
+        if not isinstance(data.get("task_id"), str):
+            raise ConfigError(f"task configuration {str(path)!r} has no string 'task_id'")
+        return cls(task_id=data["task_id"], nodes=data["nodes"])
 
     @classmethod
     def from_public_key_files(cls, task_id: str, paths: list[str | os.PathLike[str]]) -> TaskConfig:

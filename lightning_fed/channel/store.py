@@ -26,8 +26,13 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from lightning_fed.channel.errors import ConfigError
+
 TEMP_PREFIX = ".tmp-"
-_RENAME_PROTOCOLS = {"sftp", "ssh"}
+# Where a single put of the whole object is atomic (object stores, in-process memory).
+PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+# Where a rename within one directory is atomic.
+RENAME_PROTOCOLS = frozenset({"sftp", "ssh", "smb", "hdfs", "webhdfs", "arrow_hdfs"})
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
@@ -49,7 +54,14 @@ class Store:
         self.fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
-        self.rename_publish = bool(_protocols(self.fs) & _RENAME_PROTOCOLS)
+        protocols = _protocols(self.fs)
+        self.rename_publish = bool(protocols & RENAME_PROTOCOLS)
+        if not (self.local or self.rename_publish or protocols & PUT_PROTOCOLS):
+            raise ConfigError(
+                f"storage URL {url!r} uses protocol {'/'.join(sorted(protocols))!r}, which the "
+                "channel cannot publish atomically on; supported: local paths and file://, "
+                f"{', '.join(sorted(PUT_PROTOCOLS | RENAME_PROTOCOLS))}; hint: use one of those"
+            )
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -171,7 +183,8 @@ class Store:
         """
         view = memoryview(buffer)
         if not self.local:
-            data = self.read(key)
+            # A ranged read: never download more than one byte past the expected size.
+            data = bytes(self.fs.cat_file(self.path(key), start=0, end=len(buffer) + 1))
             if len(data) != len(buffer):
                 raise ValueError(f"has {len(data)} bytes, expected {len(buffer)}")
             view[:] = data

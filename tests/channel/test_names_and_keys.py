@@ -166,3 +166,39 @@ def test_cli_makes_federation_and_manages_storage(
     assert main(["inspect", url, "--task-id", "demo"]) == 0
     assert "(empty)" in capsys.readouterr().out
     assert main(["inspect", url, "--task-id", "../x"]) == 1
+
+
+def test_storage_without_atomic_publish_is_refused() -> None:
+    from lightning_fed.channel import Store
+
+    with pytest.raises(ConfigError, match="cannot publish atomically"):
+        Store("http://127.0.0.1:9/fed")
+
+
+def test_broadcast_in_a_single_node_task_is_an_error() -> None:
+    a = NodeIdentity.generate("a")
+    ch = Channel("memory://single", TaskConfig("t", {"a": a.public_key_text}), a).connect()
+    with pytest.raises(ChannelError, match="reach nobody"):
+        ch.send("x", {})
+
+
+def test_bodies_that_would_change_in_transit_are_refused() -> None:
+    a, b = NodeIdentity.generate("a"), NodeIdentity.generate("b")
+    task = TaskConfig("t", {"a": a.public_key_text, "b": b.public_key_text})
+    ch = Channel("memory://bodies", task, a).connect()
+    with pytest.raises(TypeError, match="round trip"):
+        ch.send("x", {1: "int key"}, to="b")  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="round trip"):
+        ch.send("x", {"t": (1, 2)}, to="b")
+
+
+def test_task_config_without_task_id_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "t.json").write_text('{"nodes": {}}')
+    with pytest.raises(ConfigError, match="task_id"):
+        TaskConfig.load(tmp_path / "t.json")
+
+
+def test_cli_reports_bad_urls_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "nosuchproto://x", "--task-id", "t"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-fed: error:") and "Traceback" not in err

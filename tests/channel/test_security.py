@@ -204,3 +204,34 @@ def test_authentic_but_undecodable_blob_raises(backend: Backend, fed: Federation
     agg.store.publish(_key("agg", "c1", 7_000, "update"), seal(env, fed.identities["c1"]))
     with pytest.raises(BlobIntegrityError, match="not a valid safetensors blob"):
         agg.receive("update", timeout=10)
+
+
+def test_poll_is_all_or_nothing_when_a_blob_is_damaged(backend: Backend, fed: Federation) -> None:
+    c1, agg = fed.channel(backend, "c1"), fed.channel(backend, "agg")
+    c1.send("update", {"i": 0}, to="agg", tensors={"w": torch.zeros(3)})
+    seq = c1.send("update", {"i": 1}, to="agg", tensors={"w": torch.ones(3)})
+    agg.store.delete(f"task-1/blobs/c1/{seq:020d}.safetensors")
+    with pytest.raises(BlobIntegrityError, match="missing"):
+        agg.poll("update")
+    # The intact first message was not consumed by the failed call: it is delivered now.
+    assert [m.body["i"] for m in agg.poll("update")] == [0]
+
+
+def test_gather_keeps_earlier_messages_when_a_blob_is_damaged(
+    backend: Backend, fed: Federation
+) -> None:
+    c1, c2, agg = (fed.channel(backend, n) for n in ("c1", "c2", "agg"))
+    c1.send("update", {}, to="agg", round=1, tensors={"w": torch.zeros(3)})
+    assert agg.poll("nothing") == []  # c1's envelope is now pending
+    seq = c2.send("update", {}, to="agg", round=1, tensors={"w": torch.ones(3)})
+    agg.store.delete(f"task-1/blobs/c2/{seq:020d}.safetensors")
+    with pytest.raises(BlobIntegrityError):
+        agg.gather("update", ["c1", "c2"], round=1, timeout=10)
+    assert [m.sender for m in agg.poll("update")] == ["c1"]
+
+
+def test_oversized_blob_is_refused_before_allocating(backend: Backend, fed: Federation) -> None:
+    fed.channel(backend, "c1").send("update", {}, to="agg", tensors={"w": torch.zeros(1000)})
+    agg = fed.channel(backend, "agg", max_blob_bytes=1024)
+    with pytest.raises(BlobIntegrityError, match="max_blob_bytes=1024"):
+        agg.receive("update", timeout=10)
