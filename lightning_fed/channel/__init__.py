@@ -25,6 +25,7 @@ from lightning_fed.channel.errors import (
     ConfigError,
     InvalidNameError,
     MessageTooLargeError,
+    StorageError,
 )
 from lightning_fed.channel.keys import NodeIdentity, TaskConfig
 from lightning_fed.channel.maintenance import inspect_task, remove_task
@@ -43,6 +44,7 @@ __all__ = [
     "MessageTooLargeError",
     "NodeIdentity",
     "Rejection",
+    "StorageError",
     "Store",
     "TaskConfig",
     "inspect_task",

@@ -14,12 +14,14 @@ recipient, sequence number) and deliver only what passes.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lightning_fed.channel.envelope import (
+    MAX_ENVELOPE_BYTES,
     BlobRef,
     Envelope,
     EnvelopeRejected,
@@ -28,6 +30,7 @@ from lightning_fed.channel.envelope import (
     seal,
 )
 from lightning_fed.channel.errors import BlobIntegrityError, ChannelError, ChannelTimeoutError
+from lightning_fed.channel.journal import ConsumedJournal
 from lightning_fed.channel.keys import NodeIdentity, TaskConfig
 from lightning_fed.channel.names import validate_name
 from lightning_fed.channel.polling import Backoff
@@ -104,6 +107,8 @@ class Channel:
         poll_initial: first polling interval in seconds while waiting.
         poll_max: longest polling interval in seconds.
         max_blob_bytes: the largest tensor blob this node accepts from a peer.
+        state_dir: a local folder for this node's journal of consumed messages; with
+            it, replays are refused across restarts too (see :mod:`.journal`).
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class Channel:
         poll_initial: float = 0.002,
         poll_max: float = 0.2,
         max_blob_bytes: int = 32 << 30,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if identity.node_id not in task.nodes:
             raise ChannelError(
@@ -146,12 +152,21 @@ class Channel:
         self._pending: dict[str, list[tuple[Envelope, str]]] = {}
         self._known: set[str] = set()
         self._sent: dict[int, tuple[str | None, list[str]]] = {}
+        self._journal = (
+            None
+            if state_dir is None
+            else ConsumedJournal(state_dir, task.task_id, identity.node_id)
+        )
 
     # -- lifecycle ---------------------------------------------------------------
     def connect(self) -> Channel:
         """Open the storage (idempotent) and return ``self``."""
         if self._store is None:
-            self._store = Store(self.url, self.storage_options)
+            store = Store(self.url, self.storage_options)
+            store.check()
+            if self._journal is not None:
+                self._journal.load()
+            self._store = store
         return self
 
     def close(self) -> None:
@@ -238,10 +253,10 @@ class Channel:
         if tensors is not None:
             encoded = encode_tensors(tensors)
             path = f"blobs/{self.node_id}/{seq:0{SEQ_DIGITS}d}{BLOB_SUFFIX}"
-            digest = StreamingHash()
-            digest.feed_all(encoded.chunks)  # hashed on another core while written
-            store.publish(self._task_key(path), encoded.chunks)
-            blob = BlobRef(path, digest.hexdigest(), encoded.size)
+            with StreamingHash() as digest:
+                digest.feed_all(encoded.chunks)  # hashed on another core while written
+                store.publish(self._task_key(path), encoded.chunks)
+                blob = BlobRef(path, digest.hexdigest(), encoded.size)
         keys = []
         sent_at = time.time()
         for recipient in recipients:
@@ -340,7 +355,7 @@ class Channel:
             arrived = [(s, f) for s, f in found if f is not None]
             try:
                 messages = self._deliver_all([f for _, f in arrived], consume=False)
-            except BlobIntegrityError:
+            except BaseException:  # the failing batch restored itself; restore earlier ones
                 self._restore(taken)
                 raise
             taken.extend(f for _, f in arrived)
@@ -351,14 +366,16 @@ class Channel:
                 backoff.reset()
             if waiting and not backoff.sleep():
                 if consume:
-                    self._consume(key for _, key in taken)
+                    self._consume(taken)
                 raise ChannelTimeoutError(_describe(kind, round), waiting, timeout, dict(got))
         if consume:
-            self._consume(key for _, key in taken)
+            self._consume(taken)
         return got
 
     def ack(self, message: Message) -> None:
         """Delete a delivered message's stored envelope (after ``consume=False``)."""
+        if self._journal is not None:
+            self._journal.record([(message.sender, message.seq)])
         self.store.delete(message.key)
         self._known.discard(message.key)
 
@@ -431,9 +448,12 @@ class Channel:
             return
         dir_sender, name = parts
         try:
-            data = self.store.read(key)
+            data = self.store.read(key, limit=MAX_ENVELOPE_BYTES)
         except FileNotFoundError:
             return  # deleted between listing and reading (e.g. acked elsewhere)
+        except ValueError as exc:
+            self._reject(key, f"unreadable envelope: it {exc}")
+            return
         try:
             env = open_envelope(data, self.task)
         except EnvelopeRejected as exc:
@@ -444,6 +464,10 @@ class Channel:
             self._reject(key, f"addressed to {env.recipient!r}, not to this node")
         elif dir_sender != env.sender or name != expected:
             self._reject(key, "stored under a name that does not match its signed header")
+        elif self._journal is not None and self._journal.seen(env.sender, env.seq):
+            self._reject(
+                key, f"replayed sequence number {env.seq} from {env.sender!r} (consumed before)"
+            )
         elif env.seq <= self._last_seq.get(env.sender, -1):
             self._reject(
                 key,
@@ -477,15 +501,20 @@ class Channel:
     def _deliver_all(self, taken: list[tuple[Envelope, str]], *, consume: bool) -> list[Message]:
         """Turn taken envelopes into messages; all or nothing.
 
-        If one message's blob is unusable, the ones before it go back to the pending
-        queues untouched (still stored), and the error is raised.
+        If one message's blob is unusable, that message is recorded as rejected (it stays
+        stored, for inspection), every other taken message goes back to the pending
+        queues untouched, and the error is raised. If the storage fails, all go back.
         """
         out = []
         for i, (env, key) in enumerate(taken):
             try:
                 tensors = {} if env.blob is None else self._load_blob(env)
-            except BlobIntegrityError:
-                self._restore(taken[:i])
+            except BlobIntegrityError as exc:
+                self._restore(taken[:i] + taken[i + 1 :])
+                self._reject(key, exc.reason)
+                raise
+            except BaseException:
+                self._restore(taken)
                 raise
             out.append(
                 Message(
@@ -501,7 +530,7 @@ class Channel:
                 )
             )
         if consume:
-            self._consume(key for _, key in taken)
+            self._consume(taken)
         return out
 
     def _restore(self, taken: list[tuple[Envelope, str]]) -> None:
@@ -510,9 +539,17 @@ class Channel:
             queue.append((env, key))
             queue.sort(key=lambda item: item[0].seq)
 
-    def _consume(self, keys: Iterable[str]) -> None:
-        for key in keys:
-            self.store.delete(key)
+    def _consume(self, taken: Iterable[tuple[Envelope, str]]) -> None:
+        """Delete delivered envelopes; a failed delete is logged, never loses a message."""
+        taken = list(taken)
+        if self._journal is not None:
+            self._journal.record((env.sender, env.seq) for env, _ in taken)
+        for _, key in taken:
+            try:
+                self.store.delete(key)
+            except ChannelError as exc:
+                log.warning("channel %s: could not delete consumed %s: %s", self.node_id, key, exc)
+                continue  # stays known, so it is not delivered again by this channel
             self._known.discard(key)
 
     def _load_blob(self, env: Envelope) -> dict[str, torch.Tensor]:
@@ -532,19 +569,17 @@ class Channel:
             buffer = allocate_buffer(ref.size)
         except (OSError, OverflowError, MemoryError) as exc:
             raise fail(f"cannot allocate {ref.size} bytes for blob {ref.path!r}: {exc}") from exc
-        digest = StreamingHash()
-        try:
-            for chunk in self.store.read_into(self._task_key(ref.path), buffer):
-                digest.feed(chunk)  # hashed on another core while the next chunk is read
-        except FileNotFoundError:
-            digest.hexdigest()
-            raise fail(f"blob {ref.path!r} is missing") from None
-        except ValueError as exc:
-            digest.hexdigest()
-            raise fail(f"blob {ref.path!r} {exc} (truncated or replaced)") from None
-        if digest.hexdigest() != ref.sha256:
-            raise fail(f"blob {ref.path!r} does not match its SHA-256 (corrupted)")
+        with StreamingHash() as digest:
+            try:
+                for chunk in self.store.read_into(self._task_key(ref.path), buffer):
+                    digest.feed(chunk)  # hashed on another core while the next is read
+            except FileNotFoundError:
+                raise fail(f"blob {ref.path!r} is missing") from None
+            except ValueError as exc:
+                raise fail(f"blob {ref.path!r} {exc} (truncated or replaced)") from None
+            if digest.hexdigest() != ref.sha256:
+                raise fail(f"blob {ref.path!r} does not match its SHA-256 (corrupted)")
         try:
             return decode_tensors(buffer)
-        except ValueError as exc:
+        except Exception as exc:  # any malformed header of a signed blob is the sender's fault
             raise fail(str(exc)) from exc

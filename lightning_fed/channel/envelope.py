@@ -154,8 +154,8 @@ def open_envelope(data: bytes, task: TaskConfig) -> Envelope:
         outer = json.loads(data)
         payload = outer["payload"]
         signature = base64.b64decode(outer["sig"], validate=True)
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise EnvelopeRejected(f"malformed envelope ({type(exc).__name__})") from exc
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
+        raise EnvelopeRejected(f"malformed envelope ({type(exc).__name__})") from None
     if not isinstance(payload, dict):
         raise EnvelopeRejected("malformed envelope (payload is not an object)")
     sender = payload.get("sender")
@@ -163,7 +163,7 @@ def open_envelope(data: bytes, task: TaskConfig) -> Envelope:
         raise EnvelopeRejected(f"unknown sender {sender!r}: not in task {task.task_id!r}")
     try:
         signed = canonical_json(payload)
-    except ValueError as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise EnvelopeRejected("payload is not canonical JSON") from exc
     if not task.verify(sender, signature, signed):
         raise EnvelopeRejected(f"bad signature: forged or tampered message claiming {sender!r}")

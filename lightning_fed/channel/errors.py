@@ -71,3 +71,23 @@ class BlobIntegrityError(ChannelError):
 
 class MessageTooLargeError(ChannelError, ValueError):
     """A message body exceeds the channel's limit for small JSON bodies."""
+
+
+class StorageError(ChannelError):
+    """The shared storage failed: unreachable, missing bucket, access denied, I/O error.
+
+    Attributes:
+        operation: what the channel was doing (``"publish"``, ``"list"``, ``"read"``...).
+        key: the key or prefix it was working on.
+        url: the storage URL.
+    """
+
+    def __init__(self, operation: str, key: str, url: str, cause: BaseException) -> None:
+        self.operation = operation
+        self.key = key
+        self.url = url
+        super().__init__(
+            f"storage {url!r} failed to {operation} {key!r}: {type(cause).__name__}: {cause}; "
+            "hint: check that the storage is reachable, the bucket or folder exists and the "
+            "credentials in storage_options allow reading and writing there"
+        )

@@ -8,31 +8,41 @@ Publishing is atomic: a reader sees either nothing or the complete object.
 
 - Local (and NFS) directories: write a temporary file in the *same* directory,
   flush, fsync, then ``os.replace`` it onto the final name and fsync the directory.
-- SFTP/SSH: write a temporary file in the same directory, then rename it.
+- SFTP/SSH/SMB/HDFS: write a temporary file in the same directory, then rename it.
 - Object stores (S3, GCS, Azure, memory): one ``pipe`` of the complete bytes,
   which is a single PUT (or a multipart upload, which only appears on completion).
+
+Every failure of the storage itself (unreachable endpoint, missing bucket, denied
+access) is raised as :class:`~lightning_fed.channel.errors.StorageError` naming the
+operation and key; a missing object is a plain ``FileNotFoundError``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import posixpath
+import stat
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from lightning_fed.channel.errors import ConfigError
+from lightning_fed.channel.errors import ChannelError, ConfigError, StorageError
 
 TEMP_PREFIX = ".tmp-"
 # Where a single put of the whole object is atomic (object stores, in-process memory).
 PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 # Where a rename within one directory is atomic.
 RENAME_PROTOCOLS = frozenset({"sftp", "ssh", "smb", "hdfs", "webhdfs", "arrow_hdfs"})
+_BUCKET_PROTOCOLS = PUT_PROTOCOLS - {"memory"}
+
+T = TypeVar("T")
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
@@ -51,20 +61,37 @@ class Store:
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(
+                f"cannot open storage URL {url!r}: {exc}; hint: check the URL's protocol and "
+                "install its fsspec backend (e.g. pip install 'lightning-fed[s3]' for s3://)"
+            ) from exc
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
-        protocols = _protocols(self.fs)
-        self.rename_publish = bool(protocols & RENAME_PROTOCOLS)
-        if not (self.local or self.rename_publish or protocols & PUT_PROTOCOLS):
+        self.protocols = _protocols(self.fs)
+        self.rename_publish = bool(self.protocols & RENAME_PROTOCOLS)
+        if not (self.local or self.rename_publish or self.protocols & PUT_PROTOCOLS):
             raise ConfigError(
-                f"storage URL {url!r} uses protocol {'/'.join(sorted(protocols))!r}, which the "
-                "channel cannot publish atomically on; supported: local paths and file://, "
+                f"storage URL {url!r} uses protocol {'/'.join(sorted(self.protocols))!r}, which "
+                "the channel cannot publish atomically on; supported: local paths and file://, "
                 f"{', '.join(sorted(PUT_PROTOCOLS | RENAME_PROTOCOLS))}; hint: use one of those"
             )
+        self._real_root = os.path.realpath(self.root) if self.local else ""
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
+
+    # -- helpers -----------------------------------------------------------------
+    def _guard(self, operation: str, key: str, call: Callable[[], T]) -> T:
+        """Run a storage call; turn storage failures into :class:`StorageError`."""
+        try:
+            return call()
+        except (FileNotFoundError, ChannelError, ValueError):
+            raise
+        except Exception as exc:  # botocore, aiohttp, paramiko... errors are not OSErrors
+            raise StorageError(operation, key, self.url, exc) from exc
 
     def path(self, key: str) -> str:
         """The filesystem path of a relative key."""
@@ -80,6 +107,52 @@ class Store:
             raise ValueError(f"{path!r} is not under {root!r}")
         return path[len(root) + 1 :]
 
+    def _inside(self, directory: str) -> None:
+        """Refuse local paths that a symlink leads outside the root."""
+        real = os.path.realpath(directory)
+        if real != self._real_root and not real.startswith(self._real_root + os.sep):
+            raise StorageError(
+                "use",
+                directory,
+                self.url,
+                PermissionError(f"it resolves to {real}, outside the root"),
+            )
+
+    def _forget(self, path: str) -> None:
+        """Drop every cached listing at, above and below ``path``.
+
+        fsspec's own ``invalidate_cache`` drops ``path`` and its parents only; cached
+        listings of sub-folders would still hide new objects (s3fs even consults the
+        parent's cached listing before reading an object).
+        """
+        self.fs.invalidate_cache(path)
+        cache = getattr(self.fs, "dircache", None)
+        if cache:
+            below = self.fs._strip_protocol(path).rstrip("/") + "/"
+            for cached in [k for k in list(cache) if k.startswith(below)]:
+                cache.pop(cached, None)
+
+    # -- operations --------------------------------------------------------------
+    def check(self) -> None:
+        """Make sure the root can be used: create a local root, find an object store's bucket.
+
+        Raises:
+            StorageError: naming the URL and what failed.
+        """
+        if self.local:
+            self._guard("create", "", lambda: os.makedirs(self.root, exist_ok=True))
+            self._real_root = os.path.realpath(self.root)
+        elif self.protocols & _BUCKET_PROTOCOLS:
+            bucket = self.fs._strip_protocol(self.root).split("/")[0]
+            self._forget(bucket)
+            if not self._guard("find bucket", bucket, lambda: self.fs.exists(bucket)):
+                raise StorageError(
+                    "find bucket",
+                    bucket,
+                    self.url,
+                    FileNotFoundError("no such bucket, or the endpoint did not answer"),
+                )
+
     def publish(self, key: str, data: bytes | Sequence[memoryview | bytes]) -> None:
         """Make ``data`` visible under ``key`` all at once (see the module docstring).
 
@@ -91,24 +164,29 @@ class Store:
         path = self.path(key)
         chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else data
         if self.local:
-            self._publish_local(path, chunks)
+            self._guard("publish", key, lambda: self._publish_local(path, chunks))
             return
-        whole = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        whole = bytes(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if self.rename_publish:
             parent = posixpath.dirname(path)
             tmp = posixpath.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
-            self.fs.makedirs(parent, exist_ok=True)
-            self.fs.pipe_file(tmp, bytes(whole))
-            self.fs.mv(tmp, path)
-        else:
-            self.fs.pipe_file(path, bytes(whole))
 
-    @staticmethod
-    def _publish_local(path: str, chunks: Sequence[memoryview | bytes]) -> None:
+            def rename() -> None:
+                self.fs.makedirs(parent, exist_ok=True)
+                self.fs.pipe_file(tmp, whole)
+                self.fs.mv(tmp, path)
+
+            self._guard("publish", key, rename)
+        else:
+            self._guard("publish", key, lambda: self.fs.pipe_file(path, whole))
+
+    def _publish_local(self, path: str, chunks: Sequence[memoryview | bytes]) -> None:
         parent = os.path.dirname(path)
+        self._inside(parent)  # before creating folders through a planted symlink
         os.makedirs(parent, exist_ok=True)
+        self._inside(parent)
         tmp = os.path.join(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             for chunk in chunks:
                 view = memoryview(chunk)
@@ -131,18 +209,22 @@ class Store:
     def list_keys(self, prefix: str) -> list[str]:
         """All published keys under ``prefix`` (recursively), sorted, freshly listed.
 
-        Temporary files of publishes still under way (or killed) are left out.
+        Temporary files of publishes still under way (or killed) are left out. A prefix
+        with nothing under it gives an empty list.
         """
         path = self.path(prefix)
         if self.local:
-            return self._list_local(path)
-        self.fs.invalidate_cache(path)
-        try:
-            found = self.fs.find(path, detail=True)
-        except FileNotFoundError:
-            return []
+            return self._guard("list", prefix, lambda: self._list_local(path))
+
+        def find() -> dict[str, Any]:
+            self._forget(path)
+            try:
+                return dict(self.fs.find(path, detail=True))
+            except FileNotFoundError:
+                return {}
+
         keys = []
-        for p, info in found.items():
+        for p, info in self._guard("list", prefix, find).items():
             # s3fs's find falls back to info(path) on an empty listing, which can race
             # with a new object and report the prefix itself as a directory: skip it.
             if info.get("type") != "file":
@@ -153,22 +235,76 @@ class Store:
         return sorted(keys)
 
     def _list_local(self, path: str) -> list[str]:
+        if not os.path.isdir(path):
+            return []
+
+        def fail(exc: OSError) -> None:
+            raise exc
+
         keys = []
         base = self.fs._strip_protocol(self.root).rstrip("/")
-        for dirpath, _dirs, files in os.walk(path):
+        for dirpath, _dirs, files in os.walk(path, onerror=fail):  # never follows links
             rel = os.path.relpath(dirpath, base).replace(os.sep, "/")
             for name in files:
                 if not name.startswith(TEMP_PREFIX):
                     keys.append(name if rel == "." else f"{rel}/{name}")
         return sorted(keys)
 
-    def read(self, key: str) -> bytes:
-        """The bytes under ``key``; raises FileNotFoundError if there are none."""
+    def read(self, key: str, limit: int | None = None) -> bytes:
+        """The bytes under ``key``.
+
+        Args:
+            key: the relative key.
+            limit: the most bytes accepted; larger objects raise ``ValueError``
+                without being read whole.
+
+        Raises:
+            FileNotFoundError: if nothing is stored under ``key``.
+            ValueError: if the object is larger than ``limit`` or, locally, is not a
+                regular file (a FIFO, device or symlink is never opened for reading).
+        """
         path = self.path(key)
         if self.local:
-            with open(path, "rb") as fh:
-                return fh.read()
-        return bytes(self.fs.cat_file(path))
+            return self._guard("read", key, lambda: self._read_local(path, limit))
+
+        def cat() -> bytes:
+            self._forget(path)
+            if limit is None:
+                return bytes(self.fs.cat_file(path))
+            return bytes(self.fs.cat_file(path, start=0, end=limit + 1))
+
+        data = self._guard("read", key, cat)
+        if limit is not None and len(data) > limit:
+            raise ValueError(f"is larger than {limit} bytes")
+        return data
+
+    @staticmethod
+    def _open_regular(path: str) -> int:
+        """Open a regular file for reading, never a symlink, FIFO or device."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ValueError("is a symbolic link") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError("is not a regular file")
+        return fd
+
+    def _read_local(self, path: str, limit: int | None) -> bytes:
+        fd = self._open_regular(path)
+        try:
+            info = os.fstat(fd)
+            if limit is not None and info.st_size > limit:
+                raise ValueError(f"is {info.st_size} bytes, larger than {limit}")
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                data = fh.read() if limit is None else fh.read(limit + 1)
+        finally:
+            os.close(fd)
+        if limit is not None and len(data) > limit:
+            raise ValueError(f"is larger than {limit} bytes")
+        return data
 
     def read_into(
         self, key: str, buffer: bytearray | mmap.mmap, chunk: int = 4 << 20
@@ -184,39 +320,48 @@ class Store:
         view = memoryview(buffer)
         if not self.local:
             # A ranged read: never download more than one byte past the expected size.
-            data = bytes(self.fs.cat_file(self.path(key), start=0, end=len(buffer) + 1))
+            data = self.read(key, limit=len(buffer) + 1)
             if len(data) != len(buffer):
                 raise ValueError(f"has {len(data)} bytes, expected {len(buffer)}")
             view[:] = data
             yield view
             return
-        with open(self.path(key), "rb", buffering=0) as fh:
+        path = self.path(key)
+        fd = self._guard("read", key, lambda: self._open_regular(path))
+        with os.fdopen(fd, "rb", buffering=0) as fh:
             done = 0
             while done < len(buffer):
-                n = fh.readinto(view[done : done + chunk])
+                n = self._guard("read", key, partial(fh.readinto, view[done : done + chunk]))
                 if not n:
                     raise ValueError(f"has {done} bytes, expected {len(buffer)}")
                 yield view[done : done + n]
                 done += n
-            extra = len(fh.read(1))
-            if extra:
+            if fh.read(1):
                 raise ValueError(f"has more than the expected {len(buffer)} bytes")
 
     def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
         path = self.path(key)
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(path)
-        if not self.local:
-            self.fs.invalidate_cache(posixpath.dirname(path))
+
+        def rm() -> None:
+            if self.local:
+                self._inside(os.path.dirname(path))
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+            if not self.local:
+                self._forget(posixpath.dirname(path))
+
+        self._guard("delete", key, rm)
 
     def delete_tree(self, prefix: str) -> None:
         """Remove everything under ``prefix`` (a missing prefix is not an error)."""
         path = self.path(prefix)
-        self.fs.invalidate_cache(path)
-        try:
-            if self.fs.exists(path):
-                self.fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
-        self.fs.invalidate_cache(path)
+
+        def rm() -> None:
+            self._forget(path)
+            with contextlib.suppress(FileNotFoundError):
+                if self.fs.exists(path):
+                    self.fs.rm(path, recursive=True)
+            self._forget(path)
+
+        self._guard("delete", prefix, rm)

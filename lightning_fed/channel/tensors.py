@@ -171,8 +171,18 @@ class StreamingHash:
             if self._last is not None:
                 self._last.result()
         finally:
-            self._pool.shutdown(wait=True)
+            self.close()
         return self._hash.hexdigest()
+
+    def close(self) -> None:
+        """Stop the helper thread (after the queued chunks); safe to call twice."""
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> StreamingHash:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def allocate_buffer(size: int) -> bytearray | mmap.mmap:
@@ -197,22 +207,28 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _is_index(value: Any) -> bool:
+    """A non-negative int that fits in 63 bits (bools are not ints here)."""
+    return type(value) is int and 0 <= value < (1 << 63)
+
+
 def _check_entry(
     name: str, entry: Any, data_len: int, from_name: dict[str, Any]
 ) -> tuple[Any, list[int], int, int]:
     if not isinstance(entry, dict):
         raise ValueError(f"header entry {name!r} is not an object")
-    dtype = from_name.get(entry.get("dtype"))  # type: ignore[arg-type]
+    code = entry.get("dtype")
+    dtype = from_name.get(code) if isinstance(code, str) else None
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if dtype is None:
-        raise ValueError(f"tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"tensor {name!r} has unknown dtype {code!r}")
+    if not (isinstance(shape, list) and all(_is_index(d) for d in shape)):
         raise ValueError(f"tensor {name!r} has a malformed shape {shape!r}")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) for o in offsets)
-        and 0 <= offsets[0] <= offsets[1] <= data_len
+        and all(_is_index(o) for o in offsets)
+        and offsets[0] <= offsets[1] <= data_len
     ):
         raise ValueError(f"tensor {name!r} has data offsets {offsets!r} outside the blob")
     numel = 1
@@ -243,7 +259,7 @@ def decode_tensors(buffer: bytearray | mmap.mmap) -> dict[str, torch.Tensor]:
         raise ValueError(f"not a valid safetensors blob (header length {n} is impossible)")
     try:
         header = json.loads(bytes(buffer[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"not a valid safetensors blob (header is not JSON: {exc})") from None
     if not isinstance(header, dict):
         raise ValueError("not a valid safetensors blob (header is not an object)")

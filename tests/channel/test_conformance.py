@@ -51,6 +51,13 @@ def test_body_and_tensors_round_trip(backend: Backend, fed: Federation) -> None:
         assert torch.equal(msg.tensors[name], t)
 
 
+def test_large_tensors_round_trip(backend: Backend, fed: Federation) -> None:
+    big = {"w": torch.randn(1024, 1024), "b": torch.randn(1024).half()}  # 4 MB: mmap buffer
+    fed.channel(backend, "c1").send("update", {}, to="agg", tensors=big)
+    got = fed.channel(backend, "agg").receive("update", timeout=30).tensors
+    assert all(torch.equal(got[k], v) for k, v in big.items())
+
+
 def test_message_without_tensors_has_empty_tensors(backend: Backend, fed: Federation) -> None:
     fed.channel(backend, "c1").send("hello", {"x": [1, 2]}, to="agg")
     msg = fed.channel(backend, "agg").receive("hello", timeout=10)
@@ -160,13 +167,17 @@ def test_tasks_sharing_a_url_are_isolated(backend: Backend) -> None:
 
 
 def test_listing_cache_is_never_trusted(backend: Backend, fed: Federation) -> None:
-    agg = fed.channel(backend, "agg")
-    assert agg.poll() == []  # warm any listing cache with an empty inbox
-    agg.store.fs.ls(agg.store.path("task-1"), detail=False) if agg.store.fs.exists(
-        agg.store.path("task-1")
-    ) else None
-    fed.channel(backend, "c1").send("late", {}, to="agg")
-    assert agg.receive("late", timeout=10).sender == "c1"
+    agg, c1 = fed.channel(backend, "agg"), fed.channel(backend, "c1")
+    c1.send("first", {}, to="agg")
+    assert agg.poll("other") == []  # "first" is now pending and its folders exist
+    # Warm the receiver's fsspec listing cache for every level of its inbox...
+    fs = agg.store.fs
+    for rel in ("task-1/inbox", "task-1/inbox/agg", "task-1/inbox/agg/c1"):
+        fs.ls(agg.store.path(rel), detail=False)
+    # ...then a new message arrives from another process's point of view.
+    c1.send("second", {}, to="agg")
+    assert agg.receive("second", timeout=10).sender == "c1"
+    assert agg.receive("first", timeout=10).sender == "c1"
 
 
 def test_bad_arguments_fail_clearly(backend: Backend, fed: Federation) -> None:

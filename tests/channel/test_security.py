@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_fed.channel import BlobIntegrityError, NodeIdentity
-from lightning_fed.channel.envelope import BlobRef, Envelope, seal
+from lightning_fed.channel.envelope import MAX_ENVELOPE_BYTES, BlobRef, Envelope, seal
 from lightning_fed.channel.tensors import sha256_hex
 from tests.channel.helpers import Federation
 from tests.conftest import Backend
@@ -206,32 +207,84 @@ def test_authentic_but_undecodable_blob_raises(backend: Backend, fed: Federation
         agg.receive("update", timeout=10)
 
 
-def test_poll_is_all_or_nothing_when_a_blob_is_damaged(backend: Backend, fed: Federation) -> None:
-    c1, agg = fed.channel(backend, "c1"), fed.channel(backend, "agg")
-    c1.send("update", {"i": 0}, to="agg", tensors={"w": torch.zeros(3)})
-    seq = c1.send("update", {"i": 1}, to="agg", tensors={"w": torch.ones(3)})
-    agg.store.delete(f"task-1/blobs/c1/{seq:020d}.safetensors")
-    with pytest.raises(BlobIntegrityError, match="missing"):
-        agg.poll("update")
-    # The intact first message was not consumed by the failed call: it is delivered now.
-    assert [m.body["i"] for m in agg.poll("update")] == [0]
-
-
-def test_gather_keeps_earlier_messages_when_a_blob_is_damaged(
+def test_poll_keeps_every_intact_message_when_a_blob_is_damaged(
     backend: Backend, fed: Federation
 ) -> None:
-    c1, c2, agg = (fed.channel(backend, n) for n in ("c1", "c2", "agg"))
-    c1.send("update", {}, to="agg", round=1, tensors={"w": torch.zeros(3)})
-    assert agg.poll("nothing") == []  # c1's envelope is now pending
-    seq = c2.send("update", {}, to="agg", round=1, tensors={"w": torch.ones(3)})
+    c1, agg = fed.channel(backend, "c1"), fed.channel(backend, "agg")
+    seqs = [
+        c1.send("update", {"i": i}, to="agg", tensors={"w": torch.ones(3) * i}) for i in range(3)
+    ]
+    agg.store.delete(f"task-1/blobs/c1/{seqs[1]:020d}.safetensors")
+    with pytest.raises(BlobIntegrityError, match="missing"):
+        agg.poll("update")
+    # The intact messages before and after the damaged one were not consumed.
+    assert [m.body["i"] for m in agg.poll("update")] == [0, 2]
+    assert any("missing" in r.reason for r in agg.rejections)
+
+
+def test_gather_keeps_every_intact_message_when_a_blob_is_damaged(
+    backend: Backend, fed: Federation
+) -> None:
+    fed = Federation.make("agg", "c1", "c2", "c3")
+    agg = fed.channel(backend, "agg")
+    fed.channel(backend, "c1").send("update", {}, to="agg", round=1, tensors={"w": torch.zeros(3)})
+    assert agg.poll("nothing") == []  # c1's envelope is now pending: taken in a first pass
+    seq = fed.channel(backend, "c2").send(
+        "update", {}, to="agg", round=1, tensors={"w": torch.ones(3)}
+    )
+    fed.channel(backend, "c3").send("update", {}, to="agg", round=1, tensors={"w": torch.ones(3)})
     agg.store.delete(f"task-1/blobs/c2/{seq:020d}.safetensors")
     with pytest.raises(BlobIntegrityError):
-        agg.gather("update", ["c1", "c2"], round=1, timeout=10)
-    assert [m.sender for m in agg.poll("update")] == ["c1"]
+        agg.gather("update", ["c1", "c2", "c3"], round=1, timeout=10)
+    assert sorted(m.sender for m in agg.poll("update")) == ["c1", "c3"]
 
 
 def test_oversized_blob_is_refused_before_allocating(backend: Backend, fed: Federation) -> None:
-    fed.channel(backend, "c1").send("update", {}, to="agg", tensors={"w": torch.zeros(1000)})
-    agg = fed.channel(backend, "agg", max_blob_bytes=1024)
-    with pytest.raises(BlobIntegrityError, match="max_blob_bytes=1024"):
+    agg = fed.channel(backend, "agg")
+    huge = BlobRef("blobs/c1/00000000000000008000.safetensors", "0" * 64, 1 << 62)
+    env = _envelope("c1", 8_000, blob=huge)
+    agg.store.publish(_key("agg", "c1", 8_000, "update"), seal(env, fed.identities["c1"]))
+    with pytest.raises(BlobIntegrityError, match="max_blob_bytes="):
         agg.receive("update", timeout=10)
+
+
+def test_deeply_nested_envelope_is_rejected_not_raised(
+    backend: Backend, fed: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    agg = fed.channel(backend, "agg")
+    agg.store.publish(_key("agg", "c1", 9, "update"), b"[" * 200_000 + b"]" * 200_000)
+    _assert_rejected(agg, caplog, "malformed envelope")
+    _deliver_one_good(fed, backend, agg)
+
+
+def test_oversized_envelope_is_rejected_unread(
+    backend: Backend, fed: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    agg = fed.channel(backend, "agg")
+    agg.store.publish(_key("agg", "c1", 10, "update"), b" " * (MAX_ENVELOPE_BYTES + 1))
+    _assert_rejected(agg, caplog, "unreadable envelope")
+
+
+def test_replay_after_a_receiver_restart_is_rejected_with_a_state_dir(
+    backend: Backend, fed: Federation, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    agg = fed.channel(backend, "agg", state_dir=tmp_path / "state")
+    seq = fed.channel(backend, "c1").send("update", {"n": 1}, to="agg", round=1)
+    key = _key("agg", "c1", seq, "update")
+    original = agg.store.read(key)
+    assert agg.receive("update", timeout=10).seq == seq
+    restarted = fed.channel(backend, "agg", state_dir=tmp_path / "state")
+    restarted.store.publish(key, original)  # the storage operator puts it back
+    _assert_rejected(restarted, caplog, "consumed before")
+
+
+def test_messages_left_unconsumed_before_a_restart_are_still_delivered(
+    backend: Backend, fed: Federation, tmp_path: Path
+) -> None:
+    agg = fed.channel(backend, "agg", state_dir=tmp_path / "state")
+    c1 = fed.channel(backend, "c1")
+    c1.send("update", {"i": 0}, to="agg")
+    c1.send("update", {"i": 1}, to="agg")
+    assert agg.receive("update", timeout=10).body == {"i": 0}
+    restarted = fed.channel(backend, "agg", state_dir=tmp_path / "state")
+    assert [m.body for m in restarted.poll()] == [{"i": 1}]
