@@ -168,7 +168,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=200, help="ping-pong round trips")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of the 100 MB transfer")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of the 100 MB transfer")
     parser.add_argument(
         "--dir", default=None, help="directory on the disk to measure (default: a temp dir)"
     )
