@@ -293,15 +293,11 @@ class Store:
         return fd
 
     def _read_local(self, path: str, limit: int | None) -> bytes:
-        fd = self._open_regular(path)
-        try:
-            info = os.fstat(fd)
-            if limit is not None and info.st_size > limit:
-                raise ValueError(f"is {info.st_size} bytes, larger than {limit}")
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                data = fh.read() if limit is None else fh.read(limit + 1)
-        finally:
-            os.close(fd)
+        with os.fdopen(self._open_regular(path), "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if limit is not None and size > limit:
+                raise ValueError(f"is {size} bytes, larger than {limit}")
+            data = fh.read() if limit is None else fh.read(limit + 1)
         if limit is not None and len(data) > limit:
             raise ValueError(f"is larger than {limit} bytes")
         return data
@@ -320,7 +316,7 @@ class Store:
         view = memoryview(buffer)
         if not self.local:
             # A ranged read: never download more than one byte past the expected size.
-            data = self.read(key, limit=len(buffer) + 1)
+            data = self.read(key, limit=len(buffer))
             if len(data) != len(buffer):
                 raise ValueError(f"has {len(data)} bytes, expected {len(buffer)}")
             view[:] = data

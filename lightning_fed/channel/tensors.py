@@ -17,6 +17,7 @@ Blobs written here load with ``safetensors.torch.load`` and vice versa.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import mmap
@@ -52,6 +53,7 @@ _DTYPE_NAMES = {
 }
 
 
+@functools.cache
 def _dtype_tables() -> tuple[dict[Any, str], dict[str, Any]]:
     import torch
 
