@@ -12,4 +12,19 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_fed.fedavg import FedAvgStrategy
+
+__all__ = ["FedAvgStrategy", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lightning is imported only when a strategy is asked for, so that the channel
+    # and the key tools start fast.
+    if name == "FedAvgStrategy":
+        from lightning_fed.fedavg import FedAvgStrategy
+
+        return FedAvgStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,160 @@
+"""FedAvg's maths as pure functions: weighted means by streaming sufficient statistics.
+
+Each client's update is a ``(state, num_samples)`` pair. The aggregate is the mean of
+the states weighted by sample count, computed as two running sums, ``sum(n * w)`` and
+``sum(n)``, then one division. Updates are folded in one at a time, so the aggregator
+holds one accumulator (one model's worth of memory) however many clients there are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+State = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a federated tensor must look like: its shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+
+def spec_of(state: State) -> dict[str, TensorSpec]:
+    """The names, shapes and dtypes of a state, for checking incoming updates."""
+    return {name: TensorSpec.of(t) for name, t in state.items()}
+
+
+def update_problems(expected: Mapping[str, TensorSpec], state: State) -> list[str]:
+    """Why ``state`` cannot be averaged into a model described by ``expected``.
+
+    Returns an empty list when the state has exactly the expected names, shapes and
+    dtypes and every floating-point value is finite.
+    """
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {_short(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors {_short(extra)}")
+    for name in sorted(set(expected) & set(state)):
+        want, got = expected[name], state[name]
+        if tuple(got.shape) != want.shape:
+            problems.append(f"{name}: shape {tuple(got.shape)}, expected {want.shape}")
+        elif got.dtype != want.dtype:
+            problems.append(f"{name}: dtype {got.dtype}, expected {want.dtype}")
+        elif (got.is_floating_point() or got.is_complex()) and not bool(
+            torch.isfinite(got).all()
+        ):
+            problems.append(f"{name}: contains NaN or Inf")
+    return problems
+
+
+def _short(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_weight(num_samples: float) -> float:
+    if (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, int | float)
+        or not math.isfinite(num_samples)
+        or num_samples <= 0
+    ):
+        raise ValueError(
+            f"num_samples must be a finite number > 0, got {num_samples!r}; it is the "
+            "weight of the update in the average"
+        )
+    return float(num_samples)
+
+
+class WeightedMean:
+    """A running weighted mean of states: the sufficient statistics ``sum(n*w)``, ``sum(n)``.
+
+    Floating-point tensors accumulate in their own dtype (at least float32); integer
+    tensors (such as BatchNorm's ``num_batches_tracked``) accumulate in float64 and
+    are rounded back. :meth:`add` never keeps a reference to the state it is given.
+
+    Example::
+
+        mean = WeightedMean()
+        for state, n in updates:        # one at a time, e.g. as they arrive
+            mean.add(state, n)
+        global_state = mean.compute()
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    @staticmethod
+    def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+        if dtype.is_floating_point:
+            return torch.promote_types(dtype, torch.float32)
+        if dtype.is_complex:
+            return dtype
+        return torch.float64
+
+    def add(self, state: State, num_samples: float) -> None:
+        """Fold in one update weighted by ``num_samples`` (> 0)."""
+        weight = _check_weight(num_samples)
+        if self.count and set(state) != set(self._sums):
+            raise ValueError(
+                "every update must have the same tensor names; got "
+                f"{sorted(set(state) ^ set(self._sums))[:5]} in only one of them"
+            )
+        for name, tensor in state.items():
+            acc = self._sums.get(name)
+            if acc is None:
+                self._dtypes[name] = tensor.dtype
+                acc_dtype = self._acc_dtype(tensor.dtype)
+                self._sums[name] = tensor.detach().to(dtype=acc_dtype, copy=True).mul_(weight)
+            else:
+                if tensor.shape != acc.shape:
+                    raise ValueError(
+                        f"{name}: shape {tuple(tensor.shape)} differs from the first "
+                        f"update's {tuple(acc.shape)}"
+                    )
+                acc.add_(tensor.detach().to(device=acc.device), alpha=weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """The weighted mean, in each tensor's original dtype; consumes the sums.
+
+        Raises:
+            ValueError: nothing was added.
+        """
+        if not self.count:
+            raise ValueError("no update was added, so there is no mean to compute")
+        out = {}
+        for name in list(self._sums):
+            acc = self._sums.pop(name).div_(self.total_weight)
+            dtype = self._dtypes[name]
+            if not (dtype.is_floating_point or dtype.is_complex):
+                acc = acc.round_()
+            out[name] = acc if acc.dtype == dtype else acc.to(dtype)
+        self.count = 0
+        self.total_weight = 0.0
+        return out
+
+
+def weighted_average(updates: Iterable[tuple[State, float]]) -> dict[str, torch.Tensor]:
+    """FedAvg of ``(state, num_samples)`` pairs: ``sum(n_k * w_k) / sum(n_k)`` per tensor."""
+    mean = WeightedMean()
+    for state, n in updates:
+        mean.add(state, n)
+    return mean.compute()

@@ -1,0 +1,272 @@
+"""The aggregator's side of the protocol: check-ins, rounds, streaming aggregation, finish.
+
+No Lightning here: :class:`AggregatorRole` moves messages over a connected
+:class:`~lightning_fed.channel.Channel` and folds updates into a
+:class:`~lightning_fed.fedavg.aggregate.WeightedMean` one at a time, so the peak
+memory is the global model, one accumulator and the one update being read.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_fed.channel import BlobIntegrityError, Channel, ChannelTimeoutError, Message
+from lightning_fed.fedavg import protocol as P
+from lightning_fed.fedavg.aggregate import TensorSpec, WeightedMean, update_problems
+from lightning_fed.fedavg.config import FedAvgConfig
+from lightning_fed.fedavg.errors import FedAvgError, RoundFailedError
+from lightning_fed.fedavg.selection import sample_clients
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    """What one round produced: the new global tensors and who contributed."""
+
+    round: int
+    state: dict[str, torch.Tensor] = field(repr=False)
+    samples: dict[str, int]
+    metrics: dict[str, dict[str, float]]
+    rejected: dict[str, str]
+    missing: list[str]
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready record of the round for the metrics report."""
+        return {
+            "round": self.round,
+            "samples": dict(self.samples),
+            "client_metrics": self.metrics,
+            "rejected": dict(self.rejected),
+            "missing": list(self.missing),
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def _answers_this_round(msg: Message, round: int, attempt: str) -> bool:
+    return msg.round == round and msg.body.get("attempt") == attempt
+
+
+class AggregatorRole:
+    """Runs the schedule: who takes part, what they receive, what is averaged.
+
+    Args:
+        channel: a connected channel of the aggregator node.
+        config: the FedAvg settings.
+        clients: node ids already checked in, with their process instance (recovery).
+    """
+
+    def __init__(
+        self, channel: Channel, config: FedAvgConfig, clients: Mapping[str, str] | None = None
+    ) -> None:
+        self.channel = channel
+        self.config = config
+        self.clients: dict[str, str] = dict(clients or {})
+        self.expected_clients = config.clients or len(channel.peers)
+
+    # -- gathering -----------------------------------------------------------------
+    def handle_checkin(self, msg: Message) -> None:
+        """Register (or re-register) a client and acknowledge it once per process."""
+        try:
+            checkin = P.CheckIn.parse(msg.body, msg.sender)
+        except P.ProtocolError as exc:
+            log.warning("aggregator: ignored a malformed check-in: %s", exc)
+            return
+        known = self.clients.get(msg.sender)
+        if known == checkin.instance:
+            log.debug("aggregator: repeated check-in of %s ignored", msg.sender)
+            return
+        if known is not None:
+            log.warning(
+                "aggregator: client %s checked in again from a new process (instance %s "
+                "replaces %s); the older process is superseded",
+                msg.sender,
+                checkin.instance,
+                known,
+            )
+        else:
+            log.info("aggregator: client %s checked in", msg.sender)
+        self.clients[msg.sender] = checkin.instance
+        ack = P.CheckInAck(checkin.instance, self.channel.node_id, self.config.rounds)
+        self.channel.send(P.CHECKIN_ACK, P.body_of(ack), to=msg.sender)
+
+    def poll_checkins(self) -> None:
+        """Handle every check-in waiting now."""
+        for msg in self.channel.poll(P.CHECKIN):
+            self.handle_checkin(msg)
+
+    def gather(self) -> list[str]:
+        """Wait up to ``schedule_timeout`` for ``clients`` check-ins.
+
+        Starts with fewer (with a warning) if at least ``min_clients`` came.
+
+        Raises:
+            FedAvgError: fewer than ``min_clients`` checked in.
+        """
+        want = self.expected_clients
+        deadline = time.monotonic() + self.config.schedule_timeout
+        log.info("aggregator: waiting for %d client(s) to check in", want)
+        while len(self.clients) < want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                msg = self.channel.receive(P.CHECKIN, timeout=left)
+            except ChannelTimeoutError:
+                break
+            self.handle_checkin(msg)
+        if len(self.clients) < self.config.min_clients:
+            absent = sorted(set(self.channel.peers) - set(self.clients))
+            raise FedAvgError(
+                f"only {len(self.clients)} of {want} clients checked in within "
+                f"schedule_timeout={self.config.schedule_timeout:g} s (min_clients="
+                f"{self.config.min_clients}); not heard from: {', '.join(absent) or '-'}; "
+                "hint: start the clients, check they use the same channel URL and task id, "
+                "or raise schedule_timeout"
+            )
+        if len(self.clients) < want:
+            log.warning(
+                "aggregator: starting with %d of %d clients after schedule_timeout",
+                len(self.clients),
+                want,
+            )
+        return sorted(self.clients)
+
+    # -- rounds --------------------------------------------------------------------
+    def run_round(
+        self,
+        round: int,
+        global_state: Mapping[str, torch.Tensor],
+        expected: Mapping[str, TensorSpec],
+    ) -> RoundResult:
+        """Send the global tensors to the round's clients and average what comes back.
+
+        Raises:
+            RoundFailedError: fewer than ``min_clients`` usable updates arrived in time.
+        """
+        cfg = self.config
+        started = time.monotonic()
+        self.poll_checkins()
+        chosen = sample_clients(self.clients, cfg.clients_per_round, seed=cfg.seed, round=round)
+        if len(chosen) < cfg.min_clients:
+            raise RoundFailedError(
+                f"round {round}: only {len(chosen)} client(s) available, min_clients="
+                f"{cfg.min_clients}; hint: start more clients or lower min_clients"
+            )
+        attempt = secrets.token_hex(8)
+        body = P.RoundStart(attempt, cfg.local_epochs, {c: self.clients[c] for c in chosen})
+        self.channel.send(P.ROUND, P.body_of(body), to=chosen, round=round, tensors=global_state)
+        log.info("aggregator: round %d started with %s", round, ", ".join(chosen))
+
+        mean = WeightedMean()
+        waiting = set(chosen)
+        samples: dict[str, int] = {}
+        metrics: dict[str, dict[str, float]] = {}
+        rejected: dict[str, str] = {}
+        deadline = started + cfg.calculation_timeout
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                msg = self.channel.receive([P.UPDATE, P.CHECKIN], timeout=left)
+            except ChannelTimeoutError:
+                break
+            except BlobIntegrityError as exc:
+                if exc.round == round and exc.sender in waiting:
+                    rejected[exc.sender] = exc.reason
+                    waiting.discard(exc.sender)
+                continue
+            if msg.kind == P.CHECKIN:
+                self.handle_checkin(msg)
+                continue
+            problem, update = self._judge(msg, round, attempt, waiting, expected)
+            if problem is not None or update is None:
+                log.warning(
+                    "aggregator: rejected the update of %s (round %d): %s",
+                    msg.sender,
+                    msg.round,
+                    problem,
+                )
+                if _answers_this_round(msg, round, attempt) and msg.sender in waiting:
+                    rejected[msg.sender] = str(problem)  # it will not send another one
+                    waiting.discard(msg.sender)
+                continue
+            mean.add(msg.tensors, update.num_samples)
+            samples[msg.sender] = update.num_samples
+            metrics[msg.sender] = update.metrics
+            waiting.discard(msg.sender)
+            del msg  # frees the received blob before the next one is read
+        self.channel.prune_sent()
+        if len(samples) < cfg.min_clients:
+            detail = "; ".join(f"{k}: {v}" for k, v in sorted(rejected.items()))
+            raise RoundFailedError(
+                f"round {round}: {len(samples)} usable update(s) within calculation_timeout="
+                f"{cfg.calculation_timeout:g} s, min_clients={cfg.min_clients}; no update "
+                f"from {', '.join(sorted(waiting)) or '-'}"
+                + (f"; rejected {detail}" if detail else "")
+                + "; hint: check the clients' logs, or raise calculation_timeout"
+            )
+        if waiting:
+            log.warning(
+                "aggregator: round %d goes on without %s (no update within %g s)",
+                round,
+                ", ".join(sorted(waiting)),
+                cfg.calculation_timeout,
+            )
+        return RoundResult(
+            round=round,
+            state=mean.compute(),
+            samples=samples,
+            metrics=metrics,
+            rejected=rejected,
+            missing=sorted(waiting),
+            seconds=time.monotonic() - started,
+        )
+
+    def _judge(
+        self,
+        msg: Message,
+        round: int,
+        attempt: str,
+        waiting: set[str],
+        expected: Mapping[str, TensorSpec],
+    ) -> tuple[str | None, P.Update | None]:
+        """Why an update cannot be averaged (None if it can), and the parsed update."""
+        try:
+            update = P.Update.parse(msg.body, msg.sender)
+        except P.ProtocolError as exc:
+            return str(exc), None
+        if msg.round != round:
+            return f"it belongs to round {msg.round}, not the current round {round}", None
+        if update.attempt != attempt:
+            return "it answers an earlier start of this round (stale)", None
+        if self.clients.get(msg.sender) != update.instance:
+            return "it comes from a superseded process of this client", None
+        if msg.sender not in waiting:
+            return "its sender was not asked for an update in this round or already sent one", None
+        problems = update_problems(expected, msg.tensors)
+        if problems:
+            return "bad weights: " + "; ".join(problems[:5]), update
+        return None, update
+
+    # -- the end -------------------------------------------------------------------
+    def finish(self, final_state: Mapping[str, torch.Tensor], report: dict[str, Any]) -> None:
+        """Publish the final global tensors and the report to every client."""
+        if self.clients:
+            self.channel.send(
+                P.FINISH, {"report": report}, to=sorted(self.clients), tensors=final_state
+            )
+
+    def abort(self, reason: str) -> None:
+        """Tell every client the federation failed, so none waits for its timeout."""
+        if self.clients:
+            self.channel.send(P.ABORT, {"reason": reason[:4000]}, to=sorted(self.clients))

@@ -1,0 +1,214 @@
+"""A client's side of the protocol: check in, follow the aggregator's instructions, upload.
+
+No Lightning here: :class:`ClientRole` talks to the aggregator over a connected
+:class:`~lightning_fed.channel.Channel`; the strategy decides when to train.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_fed.channel import Channel, ChannelTimeoutError, Message
+from lightning_fed.fedavg import protocol as P
+from lightning_fed.fedavg.config import FedAvgConfig
+from lightning_fed.fedavg.errors import FedAvgError, FederationAbortedError, SupersededError
+
+log = logging.getLogger(__name__)
+
+#: Seconds between check-in attempts while no aggregator answers (grows to the maximum).
+CHECKIN_RETRY = (2.0, 15.0)
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What the aggregator asked for: train a round, or take the final model and stop."""
+
+    kind: str  # protocol.ROUND or protocol.FINISH
+    round: int
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    start: P.RoundStart | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class ClientRole:
+    """One client process: its check-in, its instructions, its uploads.
+
+    Args:
+        channel: a connected channel of this client node.
+        config: the FedAvg settings (timeouts, optional aggregator id).
+    """
+
+    def __init__(self, channel: Channel, config: FedAvgConfig) -> None:
+        self.channel = channel
+        self.config = config
+        self.instance = uuid.uuid4().hex
+        self.aggregator: str | None = config.aggregator
+        self.rounds: int | None = None
+        self.current: Instruction | None = None
+
+    @property
+    def instruction_timeout(self) -> float:
+        """How long to wait for the next instruction: a whole round plus scheduling."""
+        return self.config.calculation_timeout + self.config.schedule_timeout
+
+    def check_in(self) -> P.CheckInAck:
+        """Announce this process and wait for the aggregator's acknowledgement.
+
+        Retries with growing pauses (the aggregator may start later) until
+        ``schedule_timeout``.
+
+        Raises:
+            FedAvgError: no aggregator answered in time, or it refused this client.
+        """
+        deadline = time.monotonic() + self.config.schedule_timeout
+        pause = CHECKIN_RETRY[0]
+        to = self.aggregator  # None: every peer, the aggregator answers
+        while True:
+            self.channel.send(P.CHECKIN, {"instance": self.instance}, to=to)
+            wait_until = min(deadline, time.monotonic() + pause)
+            while (left := wait_until - time.monotonic()) > 0:
+                try:
+                    msg = self.channel.receive([P.CHECKIN_ACK, P.CHECKIN], timeout=left, consume=False)
+                except ChannelTimeoutError:
+                    break
+                ack = self._ack_for_me(msg)
+                if ack is not None:
+                    if not ack.accepted:
+                        raise FedAvgError(f"the aggregator {msg.sender!r} refused: {ack.reason}")
+                    self.aggregator, self.rounds = msg.sender, ack.rounds
+                    log.info(
+                        "client %s: checked in with aggregator %s (%d rounds)",
+                        self.channel.node_id,
+                        msg.sender,
+                        ack.rounds,
+                    )
+                    return ack
+            if time.monotonic() >= deadline:
+                raise FedAvgError(
+                    f"client {self.channel.node_id!r}: no aggregator acknowledged the check-in "
+                    f"within schedule_timeout={self.config.schedule_timeout:g} s; hint: start "
+                    "the aggregator, check the channel URL and task id, or raise schedule_timeout"
+                )
+            pause = min(pause * 2, CHECKIN_RETRY[1])
+
+    def _ack_for_me(self, msg: Message) -> P.CheckInAck | None:
+        """Consume and parse an acknowledgement of this process; drop peers' check-ins."""
+        if msg.kind == P.CHECKIN:
+            self.channel.ack(msg)  # another client's broadcast check-in: not for us
+            return None
+        try:
+            ack = P.CheckInAck.parse(msg.body, msg.sender)
+        except P.ProtocolError as exc:
+            log.warning("client %s: ignored a malformed check-in ack: %s", self.channel.node_id, exc)
+            self.channel.ack(msg)
+            return None
+        if ack.instance != self.instance:
+            return None  # another process with this node id; leave it for that one
+        self.channel.ack(msg)
+        return ack
+
+    def next_instruction(self) -> Instruction:
+        """Wait for the aggregator's next round or the finish.
+
+        Raises:
+            FederationAbortedError: the aggregator aborted the federation.
+            SupersededError: a newer process of this node id took over.
+            FedAvgError: nothing came within ``calculation_timeout + schedule_timeout``.
+        """
+        if self.aggregator is None:
+            raise FedAvgError("check_in() first: the aggregator is not known yet")
+        kinds = [*P.INSTRUCTIONS, P.CHECKIN, P.CHECKIN_ACK]
+        deadline = time.monotonic() + self.instruction_timeout
+        last = -1 if self.current is None else self.current.round
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.channel.receive(kinds, timeout=left, consume=False)
+            except ChannelTimeoutError:
+                break
+            if msg.kind in (P.CHECKIN, P.CHECKIN_ACK):
+                self._ack_for_me(msg)  # late duplicates and peers' broadcasts
+                continue
+            if msg.sender != self.aggregator:
+                log.warning(
+                    "client %s: ignored %s from %s, which is not the aggregator %s",
+                    self.channel.node_id,
+                    msg.kind,
+                    msg.sender,
+                    self.aggregator,
+                )
+                self.channel.ack(msg)
+                continue
+            instruction = self._instruction(msg, last)
+            if instruction is not None:
+                self.current = instruction
+                return instruction
+        raise FedAvgError(
+            f"client {self.channel.node_id!r}: no instruction from aggregator "
+            f"{self.aggregator!r} within {self.instruction_timeout:g} s (calculation_timeout + "
+            "schedule_timeout); hint: check that the aggregator still runs"
+        )
+
+    def _instruction(self, msg: Message, last: int) -> Instruction | None:
+        if msg.kind == P.ABORT:
+            self.channel.ack(msg)
+            raise FederationAbortedError(
+                f"the aggregator {msg.sender!r} aborted the federation: "
+                f"{msg.body.get('reason', 'no reason given')}"
+            )
+        if msg.kind == P.FINISH:
+            self.channel.ack(msg)
+            report = msg.body.get("report")
+            return Instruction(
+                P.FINISH, msg.round, msg.tensors, report=report if isinstance(report, dict) else {}
+            )
+        try:
+            start = P.RoundStart.parse(msg.body, msg.sender)
+        except P.ProtocolError as exc:
+            log.warning("client %s: ignored a malformed round: %s", self.channel.node_id, exc)
+            self.channel.ack(msg)
+            return None
+        mine = start.instances.get(self.channel.node_id)
+        if mine != self.instance:
+            raise SupersededError(
+                f"node {self.channel.node_id!r} is now served by another process (instance "
+                f"{mine}); this one ({self.instance}) stops; hint: run each node id once"
+            )
+        self.channel.ack(msg)
+        if msg.round < last:
+            log.warning(
+                "client %s: ignored a stale start of round %d (now at %d)",
+                self.channel.node_id,
+                msg.round,
+                last,
+            )
+            return None
+        if msg.round == last:
+            log.warning(
+                "client %s: the aggregator restarted round %d; training it again",
+                self.channel.node_id,
+                msg.round,
+            )
+        return Instruction(P.ROUND, msg.round, msg.tensors, start=start)
+
+    def upload(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        num_samples: int,
+        metrics: Mapping[str, float],
+    ) -> None:
+        """Send this round's trained tensors and sample count to the aggregator."""
+        current = self.current
+        if current is None or current.start is None or self.aggregator is None:
+            raise FedAvgError("upload() outside a round: wait for next_instruction() first")
+        update = P.Update(current.start.attempt, self.instance, num_samples, dict(metrics))
+        self.channel.prune_sent()
+        self.channel.send(
+            P.UPDATE, P.body_of(update), to=self.aggregator, round=current.round, tensors=tensors
+        )

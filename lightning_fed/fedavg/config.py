@@ -1,0 +1,106 @@
+"""FedAvg settings, validated up front (value, rule and hint in every error)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lightning_fed.channel.names import validate_name
+
+Role = Literal["client", "aggregator"]
+
+
+def _positive_int(name: str, value: object, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(
+            f"{name} must be a finite number of seconds > 0, got {value!r}; every wait in a "
+            "federation has a deadline"
+        )
+    return float(value)
+
+
+def resolve_role(role: str | None, is_initiator: bool | None) -> Role:
+    """``role`` or the seed's ``is_initiator`` flag, as ``"client"`` or ``"aggregator"``."""
+    if role is None and is_initiator is None:
+        raise ValueError(
+            "say which role this party plays: role='client' or role='aggregator' "
+            "(or the seed's is_initiator=True for the aggregator)"
+        )
+    from_flag: Role | None = None
+    if is_initiator is not None:
+        from_flag = "aggregator" if is_initiator else "client"
+    if role is not None and role not in ("client", "aggregator"):
+        raise ValueError(f"role must be 'client' or 'aggregator', got {role!r}")
+    if role is not None and from_flag is not None and role != from_flag:
+        raise ValueError(
+            f"role={role!r} contradicts is_initiator={is_initiator!r}; give only one of them"
+        )
+    return role if role is not None else from_flag  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class FedAvgConfig:
+    """Every FedAvg knob (see :class:`~lightning_fed.FedAvgStrategy` for the meanings)."""
+
+    role: Role
+    clients: int | None = None
+    rounds: int = 10
+    local_epochs: int = 1
+    clients_per_round: int | float | None = None
+    min_clients: int = 1
+    calculation_timeout: float = 300.0
+    schedule_timeout: float = 60.0
+    log_rounds: int = 1
+    recovery: bool = False
+    local_keys: tuple[str, ...] = field(default_factory=tuple)
+    seed: int = 0
+    aggregator: str | None = None
+    state_dir: str | os.PathLike[str] | None = None
+    output_dir: str | os.PathLike[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.clients is not None:
+            _positive_int("clients", self.clients)
+        _positive_int("rounds", self.rounds)
+        _positive_int("local_epochs", self.local_epochs)
+        _positive_int("min_clients", self.min_clients)
+        _positive_int("log_rounds", self.log_rounds)
+        if self.clients is not None and self.min_clients > self.clients:
+            raise ValueError(
+                f"min_clients={self.min_clients} exceeds clients={self.clients}; no round "
+                "could ever succeed; hint: lower min_clients"
+            )
+        per = self.clients_per_round
+        if per is not None and not (
+            (isinstance(per, int) and not isinstance(per, bool) and per >= 1)
+            or (isinstance(per, float) and 0 < per <= 1)
+        ):
+            raise ValueError(
+                f"clients_per_round must be an int >= 1, a fraction in (0, 1] or None (all), "
+                f"got {per!r}"
+            )
+        if isinstance(per, int) and per < self.min_clients:
+            raise ValueError(
+                f"clients_per_round={per} is below min_clients={self.min_clients}, so every "
+                "round would fail; hint: sample more clients or lower min_clients"
+            )
+        _seconds("calculation_timeout", self.calculation_timeout)
+        _seconds("schedule_timeout", self.schedule_timeout)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.local_keys, str) or not isinstance(self.local_keys, Sequence):
+            raise ValueError(
+                f"local_keys must be a list of glob patterns, got {self.local_keys!r}; "
+                "hint: local_keys=['*running_mean', '*running_var']"
+            )
+        if self.aggregator is not None:
+            validate_name(self.aggregator, "aggregator node id")

@@ -1,0 +1,271 @@
+"""The Lightning callbacks that ``FedAvgStrategy`` installs for each role.
+
+They connect Lightning's loop to the protocol roles: the aggregator's epochs are
+rounds; a client's epochs are its local training between instructions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.data import extract_batch_size
+from typing_extensions import override
+
+from lightning_fed.channel import Channel
+from lightning_fed.fedavg import protocol as P
+from lightning_fed.fedavg.aggregate import TensorSpec, spec_of
+from lightning_fed.fedavg.aggregator import AggregatorRole
+from lightning_fed.fedavg.client import ClientRole, Instruction
+from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.fedavg.outputs import save_report, save_weights, scalar_metrics
+from lightning_fed.fedavg.selection import federated_names
+from lightning_fed.fedavg.weights import federated_state, load_state
+
+if TYPE_CHECKING:
+    from lightning_fed.fedavg.strategy import FedAvgStrategy
+
+log = logging.getLogger(__name__)
+
+RECOVERY_CHECKPOINT = "last-round.ckpt"
+
+
+class _RoleHooks(Callback):
+    """What both roles share: which tensors are federated, and their expected specs."""
+
+    def __init__(self, strategy: FedAvgStrategy, channel: Channel, output_dir: Path) -> None:
+        self.strategy = strategy
+        self.config = strategy.config
+        self.channel = channel
+        self.output_dir = output_dir
+        self.names: list[str] = []
+        self.expected: dict[str, TensorSpec] = {}
+
+    def _describe_model(self, module: pl.LightningModule) -> None:
+        state = module.state_dict()
+        self.names = federated_names(state, self.config.local_keys)
+        if not self.names:
+            raise FedAvgError(
+                f"local_keys={list(self.config.local_keys)} keeps every tensor of the model "
+                "local, so there is nothing to federate; hint: narrow the patterns"
+            )
+        self.expected = spec_of({k: state[k] for k in self.names})
+
+
+class AggregatorHooks(_RoleHooks):
+    """The aggregator's side: gather clients, run one round per epoch, publish the result."""
+
+    def __init__(self, strategy: FedAvgStrategy, channel: Channel, output_dir: Path) -> None:
+        super().__init__(strategy, channel, output_dir)
+        self.role = AggregatorRole(channel, self.config)
+        self.history: list[dict[str, Any]] = []
+        self.trainer: pl.Trainer | None = None
+        self.resumed_after = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "FedAvgAggregator"
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.channel.task.task_id,
+            "clients": dict(self.role.clients),
+            "history": list(self.history),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("task_id") != self.channel.task.task_id:
+            raise FedAvgError(
+                f"the recovery checkpoint belongs to task {state_dict.get('task_id')!r}, not "
+                f"{self.channel.task.task_id!r}; hint: give each task its own state_dir"
+            )
+        self.role.clients = dict(state_dict.get("clients", {}))
+        self.history = list(state_dict.get("history", []))
+        self.resumed_after = len(self.history)
+
+    def recovery_path(self, trainer: pl.Trainer) -> Path:
+        return self.strategy.state_dir(trainer) / RECOVERY_CHECKPOINT
+
+    def restore_if_possible(self, trainer: pl.Trainer) -> None:
+        """Resume from the last completed round's checkpoint, if one exists."""
+        path = self.recovery_path(trainer)
+        if not path.is_file():
+            log.info("aggregator: no recovery checkpoint at %s; starting at round 1", path)
+            return
+        # Lightning restores the optimizers and loop counters right after setup().
+        trainer._checkpoint_connector._restore_modules_and_callbacks(str(path))
+        log.warning(
+            "aggregator: recovered from %s; resuming after round %d", path, self.resumed_after
+        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.trainer = trainer
+        self._describe_model(pl_module)
+        if self.resumed_after and self.role.clients:
+            self.role.poll_checkins()
+            log.info("aggregator: clients %s carry on", ", ".join(sorted(self.role.clients)))
+        else:
+            self.role.gather()
+
+    def run_round(self) -> None:
+        """One round: distribute, collect, average into the module, log."""
+        trainer, module = self.trainer, self.strategy.lightning_module
+        assert trainer is not None and module is not None
+        round = trainer.current_epoch + 1
+        result = self.role.run_round(round, federated_state(module, self.names), self.expected)
+        load_state(module, result.state, self.expected, "the aggregation")
+        self.history.append(result.summary())
+        flat: dict[str, float] = {
+            "fedavg/participants": float(len(result.samples)),
+            "fedavg/samples": float(sum(result.samples.values())),
+            "fedavg/round_seconds": result.seconds,
+        }
+        for client, n in result.samples.items():
+            flat[f"clients/{client}/num_samples"] = float(n)
+            for name, value in result.metrics.get(client, {}).items():
+                flat[f"clients/{client}/{name}"] = value
+        for logger in trainer.loggers:
+            logger.log_metrics(flat, step=round)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            pl_module.log("step", float(trainer.current_epoch + 1))  # the round is the x-axis
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        round = trainer.current_epoch + 1
+        if not self.history or self.history[-1]["round"] != round:
+            return
+        metrics = scalar_metrics(trainer.callback_metrics)
+        self.history[-1]["metrics"] = metrics
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+        log.info(
+            "aggregator: round %d/%d done (%d clients, %.2f s)%s",
+            round,
+            self.config.rounds,
+            len(self.history[-1]["samples"]),
+            self.history[-1]["seconds"],
+            f": {shown}" if shown else "",
+        )
+        if self.config.recovery:
+            path = self.recovery_path(trainer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            trainer.save_checkpoint(tmp)
+            os.replace(tmp, path)
+
+    def report(self, trainer: pl.Trainer) -> dict[str, Any]:
+        return {
+            "task_id": self.channel.task.task_id,
+            "aggregator": self.channel.node_id,
+            "clients": sorted(self.role.clients),
+            "rounds_planned": self.config.rounds,
+            "rounds_completed": len(self.history),
+            "rounds": self.history,
+            "final_metrics": self.history[-1].get("metrics", {}) if self.history else {},
+            "finished_at": time.time(),
+        }
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        out = self.output_dir
+        save_weights(pl_module.state_dict(), out / "final.safetensors")
+        trainer.save_checkpoint(out / "final.ckpt")
+        report = self.report(trainer)
+        save_report(report, out / "report.json")
+        compact = {k: v for k, v in report.items() if k != "rounds"}
+        self.role.finish(federated_state(pl_module, self.names), compact)
+        log.info("aggregator: final model and report in %s", out)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        try:
+            self.role.abort(f"{type(exception).__name__}: {exception}")
+        except Exception as exc:  # never hide the original failure
+            log.warning("aggregator: could not tell the clients about the failure: %s", exc)
+
+
+class ClientHooks(_RoleHooks):
+    """A client's side: check in, train ``local_epochs`` per round, upload, follow."""
+
+    def __init__(self, strategy: FedAvgStrategy, channel: Channel, output_dir: Path) -> None:
+        super().__init__(strategy, channel, output_dir)
+        self.role = ClientRole(channel, self.config)
+        self.epochs_left = 0
+        self.finished = False
+        self.seen = 0
+        self._counted_batches = False
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._describe_model(pl_module)
+        self.role.check_in()
+        self._follow(trainer, pl_module, self.role.next_instruction())
+
+    def _follow(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, instruction: Instruction
+    ) -> None:
+        source = f"aggregator {self.role.aggregator!r}"
+        load_state(pl_module, instruction.tensors, self.expected, source)
+        if instruction.kind == P.ROUND:
+            assert instruction.start is not None
+            self.epochs_left = instruction.start.local_epochs
+            return
+        self.finished = True
+        trainer.should_stop = True
+        out = self.output_dir
+        save_weights(pl_module.state_dict(), out / "final.safetensors")
+        save_report(instruction.report, out / "report.json")
+        log.info("client %s: federation finished; final model in %s", self.channel.node_id, out)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen = 0
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        try:
+            self.seen += extract_batch_size(batch)
+        except Exception:
+            if not self._counted_batches:
+                log.warning("client: cannot infer batch sizes; weighting by batch count")
+                self._counted_batches = True
+            self.seen += 1
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.finished:
+            return
+        self.epochs_left -= 1
+        if self.epochs_left > 0:
+            return
+        if self.seen < 1:
+            raise FedAvgError(
+                f"client {self.channel.node_id!r} trained on no samples this round; hint: "
+                "check its train_dataloader and limit_train_batches"
+            )
+        metrics = scalar_metrics(trainer.callback_metrics)
+        self.role.upload(federated_state(pl_module, self.names), self.seen, metrics)
+        self._follow(trainer, pl_module, self.role.next_instruction())
+
+

@@ -1,0 +1,307 @@
+"""``FedAvgStrategy``: federate an unchanged LightningModule with one Trainer argument.
+
+Clients train their local data for ``local_epochs`` per round between instructions
+from the aggregator. The aggregator runs one Lightning epoch per round: its "training
+step" sends the global weights, waits for the clients' updates and averages them;
+then Lightning validates the new global model, so val metrics, checkpoints, early
+stopping and loggers work as usual, with the round as the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_fed.channel import Channel, NodeIdentity, TaskConfig
+from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
+from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.fedavg.hooks import AggregatorHooks, ClientHooks
+
+log = logging.getLogger(__name__)
+
+
+class _RoundTicks:
+    """The aggregator's stand-in for training data: one item per epoch (= one round)."""
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        yield torch.zeros(1)
+
+    def __len__(self) -> int:
+        return 1
+
+
+class FedAvgStrategy(SingleDeviceStrategy):
+    """Federated averaging (McMahan et al., 2017) as a Lightning strategy, for both roles.
+
+    Every party runs the same LightningModule::
+
+        # each data owner
+        trainer = L.Trainer(strategy=FedAvgStrategy(url, task_id="t", node_id="a", role="client"))
+        trainer.fit(model, datamodule=local_data)
+        # the aggregator: validation/test data only
+        trainer = L.Trainer(strategy=FedAvgStrategy(url, task_id="t", node_id="agg",
+                                                    role="aggregator", rounds=5))
+        trainer.fit(model, datamodule=holdout)
+        trainer.test(model, datamodule=holdout)
+
+    Args:
+        channel: the shared storage URL (local folder, ``file://``, ``s3://``, ...) or a
+            :class:`~lightning_fed.channel.Channel` (then ``task_id``, ``node_id`` and
+            the key arguments come from it).
+        task_id: the federation's id (the same on every party).
+        node_id: this party's id, a node of the task configuration.
+        role: ``"client"`` (trains local data) or ``"aggregator"`` (owns the schedule).
+        is_initiator: the seed's name for the role: True is the aggregator.
+        keys: folder holding ``task.json`` and ``<node_id>.key``, as written by
+            ``lightning-fed keys federation``.
+        task_config: path of ``task.json`` when it is not in ``keys``.
+        key_file: path of this node's private key when it is not in ``keys``.
+        storage_options: fsspec options for the URL (credentials, ``endpoint_url``...).
+        clients: aggregator: how many clients to wait for before round 1 (default: every
+            other node of the task).
+        rounds: aggregator: number of rounds (the aggregator's ``max_epochs`` is set to it).
+        local_epochs: aggregator: epochs each client trains per round.
+        clients_per_round: aggregator: clients sampled per round, a count or a fraction
+            in (0, 1]; None takes every checked-in client. Sampling is seeded by ``seed``.
+        min_clients: aggregator: fewer usable updates than this fail the round.
+        calculation_timeout: seconds the aggregator waits for a round's updates.
+        schedule_timeout: seconds to wait for check-ins and between instructions.
+        log_rounds: aggregator: validate the global model every this many rounds.
+        recovery: aggregator: checkpoint every completed round and, when restarted,
+            resume after the last one.
+        local_keys: glob patterns of state-dict names that stay local (never sent nor
+            averaged), e.g. :data:`~lightning_fed.fedavg.BATCHNORM_STATS`.
+        seed: seeds the per-round client sampling.
+        aggregator: client: the aggregator's node id, if known (else discovered).
+        state_dir: where recovery checkpoints and the replay journal live (default:
+            ``<default_root_dir>/fedavg/<task_id>/<node_id>/state``).
+        output_dir: where final weights and the report go (default:
+            ``<default_root_dir>/fedavg/<task_id>/<node_id>``).
+        max_model_bytes: the largest weights blob accepted from a peer.
+    """
+
+    strategy_name = "fedavg"
+
+    def __init__(
+        self,
+        channel: str | Channel,
+        task_id: str | None = None,
+        node_id: str | None = None,
+        role: str | None = None,
+        *,
+        is_initiator: bool | None = None,
+        keys: str | os.PathLike[str] = "keys",
+        task_config: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        clients: int | None = None,
+        rounds: int = 10,
+        local_epochs: int = 1,
+        clients_per_round: int | float | None = None,
+        min_clients: int = 1,
+        calculation_timeout: float = 300.0,
+        schedule_timeout: float = 60.0,
+        log_rounds: int = 1,
+        recovery: bool = False,
+        local_keys: Sequence[str] = (),
+        seed: int = 0,
+        aggregator: str | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        output_dir: str | os.PathLike[str] | None = None,
+        max_model_bytes: int = 32 << 30,
+    ) -> None:
+        super().__init__(device="cpu")
+        self.parallel_devices: list[torch.device] | None = None  # set by the Trainer
+        self.config = FedAvgConfig(
+            role=resolve_role(role, is_initiator),
+            clients=clients,
+            rounds=rounds,
+            local_epochs=local_epochs,
+            clients_per_round=clients_per_round,
+            min_clients=min_clients,
+            calculation_timeout=calculation_timeout,
+            schedule_timeout=schedule_timeout,
+            log_rounds=log_rounds,
+            recovery=recovery,
+            local_keys=tuple(local_keys),
+            seed=seed,
+            aggregator=aggregator,
+            state_dir=state_dir,
+            output_dir=output_dir,
+        )
+        if isinstance(channel, Channel):
+            for name, value, actual in (
+                ("task_id", task_id, channel.task.task_id),
+                ("node_id", node_id, channel.node_id),
+            ):
+                if value is not None and value != actual:
+                    raise ValueError(f"{name}={value!r} differs from the channel's {actual!r}")
+            self._channel_arg: str | Channel = channel
+            self.task_id, self.node_id = channel.task.task_id, channel.node_id
+        else:
+            if not isinstance(channel, str) or not channel:
+                raise ValueError(
+                    f"channel must be a storage URL or a Channel, got {channel!r}; hint: "
+                    "channel='s3://bucket/federation' or a local folder"
+                )
+            if not task_id or not node_id:
+                raise ValueError(
+                    "task_id and node_id are required with a channel URL, got "
+                    f"task_id={task_id!r}, node_id={node_id!r}"
+                )
+            self._channel_arg = channel
+            self.task_id, self.node_id = task_id, node_id
+        self.keys = Path(keys)
+        self.task_config_path = Path(task_config) if task_config else self.keys / "task.json"
+        self.key_path = Path(key_file) if key_file else self.keys / f"{self.node_id}.key"
+        self.storage_options = dict(storage_options or {})
+        self.max_model_bytes = max_model_bytes
+        self._channel: Channel | None = None
+        self._hooks: AggregatorHooks | ClientHooks | None = None
+        self._trainer: pl.Trainer | None = None
+
+    # -- where things are ------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        """``"client"`` or ``"aggregator"``."""
+        return self.config.role
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        return self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
+
+    def _party_dir(self, trainer: pl.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "fedavg" / self.task_id / self.node_id
+
+    def output_dir(self, trainer: pl.Trainer) -> Path:
+        """Where this party writes its final weights and report."""
+        return Path(self.config.output_dir or self._party_dir(trainer))
+
+    def state_dir(self, trainer: pl.Trainer) -> Path:
+        """Where recovery checkpoints and the channel's replay journal live."""
+        return Path(self.config.state_dir or self._party_dir(trainer) / "state")
+
+    # -- Lightning hooks ----------------------------------------------------------------
+    @override
+    def setup_environment(self) -> None:
+        if self.parallel_devices and len(self.parallel_devices) > 1:
+            raise FedAvgError(
+                f"FedAvgStrategy trains each party on one device, got "
+                f"{len(self.parallel_devices)} devices; hint: Trainer(devices=1)"
+            )
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # validate/test/predict run locally on the model as it is
+        channel = self._open_channel(trainer)
+        module = self.lightning_module
+        assert module is not None
+        hooks: AggregatorHooks | ClientHooks
+        if self.role == "aggregator":
+            hooks = AggregatorHooks(self, channel, self.output_dir(trainer))
+            self._setup_aggregator_loop(trainer)
+        else:
+            hooks = ClientHooks(self, channel, self.output_dir(trainer))
+            trainer.fit_loop.max_epochs = -1  # the aggregator's schedule decides
+            trainer.fit_loop.min_epochs = 0
+        self._hooks = hooks
+        self._trainer = trainer
+        trainer.callbacks.append(hooks)
+        if self.role == "aggregator" and self.config.recovery:
+            assert isinstance(hooks, AggregatorHooks)
+            hooks.restore_if_possible(trainer)
+
+    def _setup_aggregator_loop(self, trainer: pl.Trainer) -> None:
+        # One epoch per round, fed by a one-item stand-in: the aggregator holds no
+        # training data, and its datamodule needs no train_dataloader.
+        trainer.fit_loop._data_source.instance = _RoundTicks()
+        trainer.fit_loop.max_epochs = self.config.rounds
+        trainer.fit_loop.min_epochs = 0
+        trainer.check_val_every_n_epoch = self.config.log_rounds
+
+    def _open_channel(self, trainer: pl.Trainer) -> Channel:
+        if isinstance(self._channel_arg, Channel):
+            channel = self._channel_arg
+        else:
+            task = self._load_task()
+            identity = self._load_identity()
+            channel = Channel(
+                self._channel_arg,
+                task,
+                identity,
+                storage_options=self.storage_options,
+                max_blob_bytes=self.max_model_bytes,
+                state_dir=self.state_dir(trainer),
+            )
+        self._channel = channel.connect()
+        return channel
+
+    def _load_task(self) -> TaskConfig:
+        path = self.task_config_path
+        if not path.is_file():
+            raise FedAvgError(
+                f"no task configuration at {str(path)!r}; hint: for a simulation run "
+                f"`lightning-fed keys federation --task-id {self.task_id} --nodes ... --dir "
+                f"{self.keys}`, across organisations get task.json from the task initiator"
+            )
+        task = TaskConfig.load(path)
+        if task.task_id != self.task_id:
+            raise FedAvgError(
+                f"{str(path)!r} configures task {task.task_id!r}, but this party was given "
+                f"task_id={self.task_id!r}; hint: use that task's configuration file"
+            )
+        return task
+
+    def _load_identity(self) -> NodeIdentity:
+        path = self.key_path
+        if not path.is_file():
+            raise FedAvgError(
+                f"no private key for node {self.node_id!r} at {str(path)!r}; hint: "
+                f"`lightning-fed keys new {self.node_id} --dir {self.keys}` and share the .pub"
+            )
+        return NodeIdentity.load(path, self.node_id)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self._hooks, AggregatorHooks):
+            self._hooks.run_round()
+            # A constant "loss" keeps Lightning's loop happy; optimizer_step never steps it.
+            return torch.zeros((), device=self.root_device, requires_grad=True)
+        return super().training_step(*args, **kwargs)
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if isinstance(self._hooks, AggregatorHooks):
+            return closure()  # runs the round; the aggregate replaces the weights
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    @override
+    def teardown(self) -> None:
+        if self._hooks is not None and self._trainer is not None:
+            if self._hooks in self._trainer.callbacks:
+                self._trainer.callbacks.remove(self._hooks)
+        self._hooks, self._trainer = None, None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        super().teardown()
