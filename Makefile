@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/channel_demo.py
+	$(PY) examples/digits/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest

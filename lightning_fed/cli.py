@@ -7,6 +7,7 @@ Examples::
     lightning-fed keys federation --task-id demo --nodes agg c1 c2 --dir keys/
     lightning-fed inspect s3://bucket/federation --task-id mnist-2026
     lightning-fed clean s3://bucket/federation --task-id mnist-2026 --yes
+    lightning-fed simulate --aggregator agg.yaml --client client.yaml --clients 3
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,28 @@ def _clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from lightning_fed.simulate import describe, simulate
+
+    workdir = args.workdir or f"runs/{args.task_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"simulate: {args.clients} client(s) and an aggregator in {workdir}", flush=True)
+    try:
+        result = simulate(
+            args.aggregator,
+            args.client,
+            clients=args.clients,
+            workdir=workdir,
+            task_id=args.task_id,
+            aggregator_args=args.aggregator_arg,
+            client_args=args.client_arg,
+        )
+    except KeyboardInterrupt:
+        print("simulate: stopped by Ctrl-C", file=sys.stderr)
+        return 130
+    print("\n".join(describe(result, args.task_id)))
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lightning-fed``."""
     parser = argparse.ArgumentParser(
@@ -114,6 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument("--dir", required=True)
     fed.set_defaults(func=_keys_federation)
 
+    sim = sub.add_parser(
+        "simulate", help="run a whole federation on this machine, one process per party"
+    )
+    sim.add_argument("--aggregator", required=True, help="the aggregator's LightningCLI YAML")
+    sim.add_argument("--client", required=True, help="the clients' LightningCLI YAML")
+    sim.add_argument("--clients", type=int, required=True, help="how many clients to start")
+    sim.add_argument("--task-id", default="simulation")
+    sim.add_argument("--workdir", help="keys, channel and outputs (default: runs/TASK-TIME)")
+    sim.add_argument(
+        "--aggregator-arg", action="append", default=[], metavar="ARG",
+        help="extra LightningCLI argument for the aggregator (repeatable)",
+    )
+    sim.add_argument(
+        "--client-arg", action="append", default=[], metavar="ARG",
+        help="extra LightningCLI argument for every client (repeatable)",
+    )
+    sim.set_defaults(func=_simulate)
+
     for name, func, text in (
         ("inspect", _inspect, "show unread messages and stored tensors of a task"),
         ("clean", _clean, "delete a task's whole storage"),
@@ -133,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ChannelError, OSError, ValueError, ImportError) as exc:
+    except (ChannelError, OSError, ValueError, ImportError, FileExistsError) as exc:
         # Bad URLs, missing fsspec backends and unreadable files end in one clear line.
         print(f"lightning-fed: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

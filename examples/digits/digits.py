@@ -118,7 +118,9 @@ class DigitsData(L.LightningDataModule):
         x, y = digits_tensors()
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
         n_hold = int(len(y) * self.holdout)
-        self.heldout = TensorDataset(x[order[:n_hold]], y[order[:n_hold]])
+        val, test = order[: n_hold // 2], order[n_hold // 2 : n_hold]
+        self.val = TensorDataset(x[val], y[val])  # the aggregator's two held-out halves
+        self.test = TensorDataset(x[test], y[test])
         train_idx = order[n_hold:]
         self.train_all = TensorDataset(x[train_idx], y[train_idx])
         if self.client_index is None:
@@ -129,7 +131,10 @@ class DigitsData(L.LightningDataModule):
             parts = dirichlet_partition(
                 y[train_idx], self.num_clients, alpha=self.alpha, seed=self.seed
             )
-        self.local = Subset(self.train_all, parts[self.client_index])
+        share = parts[self.client_index]
+        n_val = max(1, len(share) // 10)  # each data owner validates on 10% of its share
+        self.local = Subset(self.train_all, share[n_val:])
+        self.local_val = Subset(self.train_all, share[:n_val])
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -138,8 +143,10 @@ class DigitsData(L.LightningDataModule):
 
     @override
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.heldout, batch_size=512)
+        if self.client_index is not None:  # clients never see the holdout
+            return DataLoader(self.local_val, batch_size=512)
+        return DataLoader(self.val, batch_size=512)
 
     @override
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.heldout, batch_size=512)
+        return DataLoader(self.test, batch_size=512)

@@ -71,6 +71,12 @@ class AggregatorRole:
         self.config = config
         self.clients: dict[str, str] = dict(clients or {})
         self.expected_clients = config.clients or len(channel.peers)
+        if config.min_clients > len(channel.peers):
+            raise FedAvgError(
+                f"min_clients={config.min_clients} but task {channel.task.task_id!r} has only "
+                f"{len(channel.peers)} client node(s) ({', '.join(channel.peers) or '-'}); "
+                "hint: lower min_clients or add clients' keys to the task configuration"
+            )
 
     # -- gathering -----------------------------------------------------------------
     def handle_checkin(self, msg: Message) -> None:

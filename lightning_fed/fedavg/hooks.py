@@ -266,6 +266,14 @@ class ClientHooks(_RoleHooks):
             )
         metrics = scalar_metrics(trainer.callback_metrics)
         self.role.upload(federated_state(pl_module, self.names), self.seen, metrics)
+        current = self.role.current
+        log.info(
+            "client %s: round %s trained on %d samples%s",
+            self.channel.node_id,
+            "?" if current is None else current.round,
+            self.seen,
+            "".join(f", {k}={v:.4g}" for k, v in sorted(metrics.items())),
+        )
         self._follow(trainer, pl_module, self.role.next_instruction())
 
 

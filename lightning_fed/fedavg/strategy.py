@@ -9,6 +9,7 @@ stopping and loggers work as usual, with the round as the step.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
@@ -26,6 +28,8 @@ from lightning_fed.channel import Channel, NodeIdentity, TaskConfig
 from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.hooks import AggregatorHooks, ClientHooks
+from lightning_fed.fedavg.outputs import save_report, scalar_metrics
+from lightning_fed.fedavg.progress import RoundProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +236,13 @@ class FedAvgStrategy(SingleDeviceStrategy):
         trainer.fit_loop.max_epochs = self.config.rounds
         trainer.fit_loop.min_epochs = 0
         trainer.check_val_every_n_epoch = self.config.log_rounds
+        trainer.log_every_n_steps = 1
+        # Lightning's default bar counts batches per epoch; show one bar over the rounds.
+        for i, cb in enumerate(trainer.callbacks):
+            if type(cb) is TQDMProgressBar:
+                bar = RoundProgressBar(self.config.rounds, refresh_rate=cb.refresh_rate, leave=True)
+                bar.setup(trainer, self.lightning_module, "fit")  # callbacks' setup already ran
+                trainer.callbacks[i] = bar
 
     def _open_channel(self, trainer: pl.Trainer) -> Channel:
         if isinstance(self._channel_arg, Channel):
@@ -294,6 +305,18 @@ class FedAvgStrategy(SingleDeviceStrategy):
         if isinstance(self._hooks, AggregatorHooks):
             return closure()  # runs the round; the aggregate replaces the weights
         return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    @override
+    def on_test_end(self) -> None:
+        super().on_test_end()
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or self.role != "aggregator":
+            return
+        path = self.output_dir(trainer) / "report.json"
+        if path.is_file():  # after a federation: add the final test to its report
+            report = json.loads(path.read_text())
+            report["test_metrics"] = scalar_metrics(trainer.callback_metrics)
+            save_report(report, path)
 
     @override
     def teardown(self) -> None:

@@ -1,0 +1,66 @@
+"""Run one party of a federation from a LightningCLI YAML config.
+
+``python -m lightning_fed.party --config aggregator.yaml [--trainer.xxx=...]`` builds
+the model, datamodule and Trainer (whose ``strategy`` is a ``FedAvgStrategy``) from
+the config, runs ``fit``, and on the aggregator then ``test`` on its holdout data.
+This is what ``lightning-fed simulate`` starts for every party; in a real deployment
+each organisation runs it with its own config (channel on S3, its own node id).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+
+import lightning.pytorch as L
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_fed.channel import ChannelError
+from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.fedavg.strategy import FedAvgStrategy
+
+
+def _quiet_known_noise() -> None:
+    # Lightning on recent torch warns about its own pytree use on every batch.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    fed = logging.getLogger("lightning_fed")
+    fed.addHandler(handler)
+    fed.setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the party from its config and run it; returns the exit status."""
+    _quiet_known_noise()
+    cli = LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=list(sys.argv[1:] if argv is None else argv),
+        save_config_kwargs={"overwrite": True},
+    )
+    strategy = cli.trainer.strategy
+    if not isinstance(strategy, FedAvgStrategy):
+        raise SystemExit(
+            "the config's trainer.strategy must be lightning_fed.FedAvgStrategy, got "
+            f"{type(strategy).__name__}; hint: see examples/digits/aggregator.yaml"
+        )
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        if strategy.role == "aggregator" and cli.trainer.state.status.value == "finished":
+            cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    except (FedAvgError, ChannelError) as exc:
+        print(f"lightning-fed party {strategy.node_id}: error: {exc}", file=sys.stderr)
+        return 1
+    if cli.trainer.interrupted:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""``lightning-fed simulate``: a whole federation on one machine, one process per party.
+
+It makes a work folder with every node's keys and a local-directory channel, then
+starts the aggregator and N clients from their LightningCLI YAML configs
+(``python -m lightning_fed.party``), each a fresh Python process. Every line a party
+prints is prefixed with its node id. Ctrl-C stops every party; the exit status is
+non-zero when any party failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from lightning_fed.channel import NodeIdentity, TaskConfig
+
+AGGREGATOR = "aggregator"
+STOP_GRACE = 15.0  # seconds a party gets to stop after Ctrl-C before it is killed
+
+
+def client_id(index: int) -> str:
+    """The node id of the ``index``-th simulated client (0-based): ``client-1``, ..."""
+    return f"client-{index + 1}"
+
+
+@dataclass
+class Party:
+    """One running party: its node id, command and process."""
+
+    node_id: str
+    command: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    pump: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.returncode
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Where a finished simulation left its outputs, and how each party ended."""
+
+    workdir: Path
+    returncodes: dict[str, int]
+    report: dict[str, Any] | None
+
+    @property
+    def ok(self) -> bool:
+        return all(code == 0 for code in self.returncodes.values())
+
+    @property
+    def aggregator_dir(self) -> Path:
+        return self.workdir / AGGREGATOR
+
+
+def make_keys(workdir: Path, task_id: str, nodes: Sequence[str]) -> Path:
+    """Write every node's key pair and ``task.json`` under ``workdir/keys``."""
+    keys = workdir / "keys"
+    publics = []
+    for node in nodes:
+        _, public = NodeIdentity.generate(node).save(keys)
+        publics.append(public)
+    TaskConfig.from_public_key_files(task_id, list(publics)).save(keys / "task.json")
+    return keys
+
+
+def party_command(
+    config: Path, node_id: str, role: str, workdir: Path, task_id: str, extra: Sequence[str]
+) -> list[str]:
+    """The command line of one party: its config plus the simulation's overrides."""
+    s = "--trainer.strategy.init_args."
+    return [
+        sys.executable,
+        "-m",
+        "lightning_fed.party",
+        "--config",
+        str(config),
+        f"{s}channel={workdir / 'channel'}",
+        f"{s}task_id={task_id}",
+        f"{s}node_id={node_id}",
+        f"{s}role={role}",
+        f"{s}keys={workdir / 'keys'}",
+        f"--trainer.default_root_dir={workdir / node_id}",
+        *extra,
+    ]
+
+
+def _pump(stream: IO[bytes], prefix: str, out: IO[str], lock: threading.Lock) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace").rstrip("\n")
+        for part in line.split("\r"):  # progress bars redraw with \r: one line each
+            if part.strip():
+                with lock:
+                    out.write(f"{prefix}{part}\n")
+                    out.flush()
+    stream.close()
+
+
+def _environment(configs: Sequence[Path]) -> dict[str, str]:
+    env = dict(os.environ)
+    # The configs' folders go on the path, so class_path: digits.DigitsCNN resolves.
+    paths = [str(p.parent.resolve()) for p in configs]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def simulate(
+    aggregator_config: str | os.PathLike[str],
+    client_config: str | os.PathLike[str],
+    *,
+    clients: int,
+    workdir: str | os.PathLike[str],
+    task_id: str = "simulation",
+    aggregator_args: Sequence[str] = (),
+    client_args: Sequence[str] = (),
+    out: IO[str] | None = None,
+) -> SimulationResult:
+    """Run a whole federation as separate processes and wait for every party.
+
+    Args:
+        aggregator_config: LightningCLI YAML of the aggregator.
+        client_config: LightningCLI YAML of the clients; client ``i`` (0-based) also
+            gets ``--data.init_args.client_index=i`` and ``num_clients``.
+        clients: how many clients to start.
+        workdir: the simulation's folder (keys, channel, one folder per party).
+        task_id: the federation's id.
+        aggregator_args: extra LightningCLI arguments for the aggregator.
+        client_args: extra LightningCLI arguments for every client.
+        out: where the parties' prefixed lines go (default: stdout).
+    """
+    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+        raise ValueError(f"clients must be an int >= 1, got {clients!r}")
+    agg_cfg, cli_cfg = Path(aggregator_config), Path(client_config)
+    for path in (agg_cfg, cli_cfg):
+        if not path.is_file():
+            raise FileNotFoundError(f"no LightningCLI config at {str(path)!r}")
+    out = out or sys.stdout
+    root = Path(workdir).resolve()
+    if (root / "channel" / task_id).exists() or (root / AGGREGATOR).exists():
+        raise FileExistsError(
+            f"{str(root)!r} holds an earlier simulation of task {task_id!r}; hint: choose "
+            "another --workdir or delete it"
+        )
+    nodes = [AGGREGATOR] + [client_id(i) for i in range(clients)]
+    make_keys(root, task_id, nodes)
+    (root / "channel").mkdir(parents=True, exist_ok=True)
+    parties = [
+        Party(
+            AGGREGATOR,
+            party_command(
+                agg_cfg, AGGREGATOR, "aggregator", root, task_id,
+                [f"--trainer.strategy.init_args.clients={clients}", *aggregator_args],
+            ),
+        )
+    ]
+    for i in range(clients):
+        extra = [
+            f"--data.init_args.client_index={i}",
+            f"--data.init_args.num_clients={clients}",
+            *client_args,
+        ]
+        parties.append(
+            Party(client_id(i), party_command(cli_cfg, client_id(i), "client", root, task_id, extra))
+        )
+    env = _environment([agg_cfg, cli_cfg])
+    width = max(len(p.node_id) for p in parties)
+    lock = threading.Lock()
+    interrupted = False
+    try:
+        for party in parties:
+            party.process = subprocess.Popen(
+                party.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+            )
+            assert party.process.stdout is not None
+            party.pump = threading.Thread(
+                target=_pump,
+                args=(party.process.stdout, f"[{party.node_id:<{width}}] ", out, lock),
+                daemon=True,
+            )
+            party.pump.start()
+        _wait_all(parties, out)
+    except KeyboardInterrupt:
+        interrupted = True
+        out.write("simulate: Ctrl-C, stopping every party\n")
+        _stop_all(parties)
+    for party in parties:
+        if party.pump is not None:
+            party.pump.join(timeout=5)
+    report_path = root / AGGREGATOR / "fedavg" / task_id / AGGREGATOR / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    codes = {p.node_id: (p.returncode if p.returncode is not None else -1) for p in parties}
+    if interrupted:
+        raise KeyboardInterrupt
+    return SimulationResult(root, codes, report)
+
+
+def _wait_all(parties: Sequence[Party], out: IO[str]) -> None:
+    """Wait for every party; if the aggregator fails, stop the clients at once."""
+    aggregator = parties[0]
+    assert aggregator.process is not None
+    while any(p.process is not None and p.process.poll() is None for p in parties):
+        code = aggregator.process.poll()
+        if code not in (None, 0):
+            out.write(f"simulate: the aggregator failed (exit {code}); stopping the clients\n")
+            _stop_all(parties)
+            return
+        time.sleep(0.2)
+
+
+def _stop_all(parties: Sequence[Party]) -> None:
+    """Interrupt every party, give it ``STOP_GRACE`` seconds, then kill it."""
+    for party in parties:
+        if party.process is not None and party.process.poll() is None:
+            party.process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE
+    for party in parties:
+        if party.process is None:
+            continue
+        try:
+            party.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            party.process.kill()
+            party.process.wait()
+
+
+def describe(result: SimulationResult, task_id: str) -> list[str]:
+    """Human lines saying how the simulation ended and where its outputs are."""
+    lines = []
+    for node, code in result.returncodes.items():
+        lines.append(f"  {node}: {'ok' if code == 0 else f'FAILED (exit {code})'}")
+    agg = result.aggregator_dir
+    out = agg / "fedavg" / task_id / AGGREGATOR
+    lines += [
+        f"outputs under {result.workdir}:",
+        f"  final model:  {out / 'final.safetensors'} (and final.ckpt)",
+        f"  report:       {out / 'report.json'}",
+        f"  TensorBoard:  tensorboard --logdir {agg / 'lightning_logs'}",
+    ]
+    if result.report:
+        final = result.report.get("test_metrics") or result.report.get("final_metrics") or {}
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()))
+        lines.insert(
+            0,
+            f"{result.report.get('rounds_completed')} rounds completed; final: {shown or '-'}",
+        )
+    return lines
