@@ -147,11 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--task-id", default="simulation")
     sim.add_argument("--workdir", help="keys, channel and outputs (default: runs/TASK-TIME)")
     sim.add_argument(
-        "--aggregator-arg", action="append", default=[], metavar="ARG",
+        "--aggregator-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
         help="extra LightningCLI argument for the aggregator (repeatable)",
     )
     sim.add_argument(
-        "--client-arg", action="append", default=[], metavar="ARG",
+        "--client-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
         help="extra LightningCLI argument for every client (repeatable)",
     )
     sim.set_defaults(func=_simulate)

@@ -161,7 +161,11 @@ def simulate(
         Party(
             AGGREGATOR,
             party_command(
-                agg_cfg, AGGREGATOR, "aggregator", root, task_id,
+                agg_cfg,
+                AGGREGATOR,
+                "aggregator",
+                root,
+                task_id,
                 [f"--trainer.strategy.init_args.clients={clients}", *aggregator_args],
             ),
         )
@@ -173,7 +177,9 @@ def simulate(
             *client_args,
         ]
         parties.append(
-            Party(client_id(i), party_command(cli_cfg, client_id(i), "client", root, task_id, extra))
+            Party(
+                client_id(i), party_command(cli_cfg, client_id(i), "client", root, task_id, extra)
+            )
         )
     env = _environment([agg_cfg, cli_cfg])
     width = max(len(p.node_id) for p in parties)

@@ -53,9 +53,7 @@ def update_problems(expected: Mapping[str, TensorSpec], state: State) -> list[st
             problems.append(f"{name}: shape {tuple(got.shape)}, expected {want.shape}")
         elif got.dtype != want.dtype:
             problems.append(f"{name}: dtype {got.dtype}, expected {want.dtype}")
-        elif (got.is_floating_point() or got.is_complex()) and not bool(
-            torch.isfinite(got).all()
-        ):
+        elif (got.is_floating_point() or got.is_complex()) and not bool(torch.isfinite(got).all()):
             problems.append(f"{name}: contains NaN or Inf")
     return problems
 
@@ -66,12 +64,11 @@ def _short(names: list[str], limit: int = 5) -> str:
 
 
 def _check_weight(num_samples: float) -> float:
-    if (
-        isinstance(num_samples, bool)
-        or not isinstance(num_samples, int | float)
-        or not math.isfinite(num_samples)
-        or num_samples <= 0
-    ):
+    try:
+        finite = isinstance(num_samples, int | float) and math.isfinite(num_samples)
+    except OverflowError:
+        finite = False
+    if isinstance(num_samples, bool) or not finite or num_samples <= 0:
         raise ValueError(
             f"num_samples must be a finite number > 0, got {num_samples!r}; it is the "
             "weight of the update in the average"
@@ -116,6 +113,13 @@ class WeightedMean:
                 "every update must have the same tensor names; got "
                 f"{sorted(set(state) ^ set(self._sums))[:5]} in only one of them"
             )
+        for name, tensor in state.items():  # check everything before adding anything
+            known = self._sums.get(name)
+            if known is not None and tensor.shape != known.shape:
+                raise ValueError(
+                    f"{name}: shape {tuple(tensor.shape)} differs from the first "
+                    f"update's {tuple(known.shape)}"
+                )
         for name, tensor in state.items():
             acc = self._sums.get(name)
             if acc is None:
@@ -123,11 +127,6 @@ class WeightedMean:
                 acc_dtype = self._acc_dtype(tensor.dtype)
                 self._sums[name] = tensor.detach().to(dtype=acc_dtype, copy=True).mul_(weight)
             else:
-                if tensor.shape != acc.shape:
-                    raise ValueError(
-                        f"{name}: shape {tuple(tensor.shape)} differs from the first "
-                        f"update's {tuple(acc.shape)}"
-                    )
                 acc.add_(tensor.detach().to(device=acc.device), alpha=weight)
         self.total_weight += weight
         self.count += 1

@@ -268,9 +268,8 @@ class AggregatorRole:
     def finish(self, final_state: Mapping[str, torch.Tensor], report: dict[str, Any]) -> None:
         """Publish the final global tensors and the report to every client."""
         if self.clients:
-            self.channel.send(
-                P.FINISH, {"report": report}, to=sorted(self.clients), tensors=final_state
-            )
+            body = {"report": report, "instances": dict(self.clients)}
+            self.channel.send(P.FINISH, body, to=sorted(self.clients), tensors=final_state)
 
     def abort(self, reason: str) -> None:
         """Tell every client the federation failed, so none waits for its timeout."""

@@ -22,6 +22,8 @@ from lightning_fed.fedavg.errors import FedAvgError, FederationAbortedError, Sup
 
 log = logging.getLogger(__name__)
 
+#: Seconds the finish stays stored, so that a superseded process of this node sees it.
+FINISH_GRACE = 0.5
 #: Seconds between check-in attempts while no aggregator answers (grows to the maximum).
 CHECKIN_RETRY = (2.0, 15.0)
 
@@ -52,6 +54,8 @@ class ClientRole:
         self.aggregator: str | None = config.aggregator
         self.rounds: int | None = None
         self.current: Instruction | None = None
+        self._ack_seq = -1  # sequence number of the aggregator's ack of this process
+        self._unacked: Message | None = None
 
     @property
     def instruction_timeout(self) -> float:
@@ -75,7 +79,9 @@ class ClientRole:
             wait_until = min(deadline, time.monotonic() + pause)
             while (left := wait_until - time.monotonic()) > 0:
                 try:
-                    msg = self.channel.receive([P.CHECKIN_ACK, P.CHECKIN], timeout=left, consume=False)
+                    msg = self.channel.receive(
+                        [P.CHECKIN_ACK, P.CHECKIN], timeout=left, consume=False
+                    )
                 except ChannelTimeoutError:
                     break
                 ack = self._ack_for_me(msg)
@@ -83,6 +89,7 @@ class ClientRole:
                     if not ack.accepted:
                         raise FedAvgError(f"the aggregator {msg.sender!r} refused: {ack.reason}")
                     self.aggregator, self.rounds = msg.sender, ack.rounds
+                    self._ack_seq = msg.seq
                     log.info(
                         "client %s: checked in with aggregator %s (%d rounds)",
                         self.channel.node_id,
@@ -106,7 +113,9 @@ class ClientRole:
         try:
             ack = P.CheckInAck.parse(msg.body, msg.sender)
         except P.ProtocolError as exc:
-            log.warning("client %s: ignored a malformed check-in ack: %s", self.channel.node_id, exc)
+            log.warning(
+                "client %s: ignored a malformed check-in ack: %s", self.channel.node_id, exc
+            )
             self.channel.ack(msg)
             return None
         if ack.instance != self.instance:
@@ -163,7 +172,9 @@ class ClientRole:
                 f"{msg.body.get('reason', 'no reason given')}"
             )
         if msg.kind == P.FINISH:
-            self.channel.ack(msg)
+            if not self._mine(msg, msg.body.get("instances")):
+                return None
+            self._settle(msg, grace=FINISH_GRACE)
             report = msg.body.get("report")
             return Instruction(
                 P.FINISH, msg.round, msg.tensors, report=report if isinstance(report, dict) else {}
@@ -174,14 +185,10 @@ class ClientRole:
             log.warning("client %s: ignored a malformed round: %s", self.channel.node_id, exc)
             self.channel.ack(msg)
             return None
-        mine = start.instances.get(self.channel.node_id)
-        if mine != self.instance:
-            raise SupersededError(
-                f"node {self.channel.node_id!r} is now served by another process (instance "
-                f"{mine}); this one ({self.instance}) stops; hint: run each node id once"
-            )
-        self.channel.ack(msg)
+        if not self._mine(msg, start.instances):
+            return None
         if msg.round < last:
+            self.channel.ack(msg)
             log.warning(
                 "client %s: ignored a stale start of round %d (now at %d)",
                 self.channel.node_id,
@@ -195,7 +202,40 @@ class ClientRole:
                 self.channel.node_id,
                 msg.round,
             )
+        self._settle(msg)
         return Instruction(P.ROUND, msg.round, msg.tensors, start=start)
+
+    def _mine(self, msg: Message, instances: object) -> bool:
+        """Whether an instruction is for this process (else it is left in storage).
+
+        An instruction naming another process of this node id that was sent after
+        this process checked in means a newer process took over: stop.
+        """
+        if not isinstance(instances, dict):
+            return True  # an aggregator that does not name processes
+        mine = instances.get(self.channel.node_id)
+        if mine == self.instance:
+            return True
+        if msg.seq < self._ack_seq:
+            return False  # meant for an older process of this node id
+        raise SupersededError(
+            f"node {self.channel.node_id!r} is now served by another process (instance "
+            f"{mine}); this one ({self.instance}) stops; hint: run each node id once"
+        )
+
+    def _settle(self, msg: Message, grace: float = 0.0) -> None:
+        """Delete the previous instruction now and keep this one stored until the next.
+
+        Keeping an instruction a while lets an older process of the same node id see
+        that it was superseded, instead of waiting for its timeout.
+        """
+        if self._unacked is not None:
+            self.channel.ack(self._unacked)
+        self._unacked = msg
+        if grace:
+            time.sleep(grace)
+            self.channel.ack(msg)
+            self._unacked = None
 
     def upload(
         self,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lightning_fed.channel.names import validate_name
+from lightning_fed.fedavg.selection import participants_per_round
 
 Role = Literal["client", "aggregator"]
 
@@ -97,10 +98,23 @@ class FedAvgConfig:
         _seconds("schedule_timeout", self.schedule_timeout)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if isinstance(self.local_keys, str) or not isinstance(self.local_keys, Sequence):
+        if (
+            isinstance(self.local_keys, str)
+            or not isinstance(self.local_keys, Sequence)
+            or not all(isinstance(k, str) for k in self.local_keys)
+        ):
             raise ValueError(
                 f"local_keys must be a list of glob patterns, got {self.local_keys!r}; "
                 "hint: local_keys=['*running_mean', '*running_var']"
             )
+        object.__setattr__(self, "local_keys", tuple(self.local_keys))
+        if isinstance(per, float) and self.clients is not None:
+            sampled = participants_per_round(per, self.clients)
+            if sampled < self.min_clients:
+                raise ValueError(
+                    f"clients_per_round={per} samples {sampled} of clients={self.clients}, below "
+                    f"min_clients={self.min_clients}, so every round would fail; hint: sample "
+                    "a larger fraction or lower min_clients"
+                )
         if self.aggregator is not None:
             validate_name(self.aggregator, "aggregator node id")

@@ -275,5 +275,3 @@ class ClientHooks(_RoleHooks):
             "".join(f", {k}={v:.4g}" for k, v in sorted(metrics.items())),
         )
         self._follow(trainer, pl_module, self.role.next_instruction())
-
-

@@ -50,7 +50,9 @@ def save_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path
     return final
 
 
-def scalar_metrics(metrics: Mapping[str, Any], *, skip: tuple[str, ...] = ("step",)) -> dict[str, float]:
+def scalar_metrics(
+    metrics: Mapping[str, Any], *, skip: tuple[str, ...] = ("step",)
+) -> dict[str, float]:
     """The finite scalar entries of a Lightning metrics dict, as floats."""
     out = {}
     for name, value in metrics.items():

@@ -30,7 +30,9 @@ class RoundProgressBar(TQDMProgressBar):
         pass  # one bar for the whole federation
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
+    ) -> None:
         pass
 
     @override

@@ -7,7 +7,7 @@ Sequence (see docs/fedavg.md for the diagram)::
     aggregator  -> sampled      round         {attempt, instances, local_epochs}  + global weights
     client      -> aggregator   update        {attempt, instance, num_samples, metrics} + weights
     aggregator  -> every client finish        {report}                         + final weights
-    aggregator  -> every client abort         {reason}                         (the federation failed)
+    aggregator  -> every client abort         {reason}              (the federation failed)
 
 Bodies come from peers, so every field is checked before use; a malformed body is a
 :class:`ProtocolError` naming the sender and the field.
@@ -26,6 +26,9 @@ ROUND = "round"
 UPDATE = "update"
 FINISH = "finish"
 ABORT = "abort"
+
+#: The largest sample count an update may claim (exact in float64).
+MAX_SAMPLES = 2**53
 
 #: Instructions a client waits for between rounds.
 INSTRUCTIONS = (ROUND, FINISH, ABORT)
@@ -53,7 +56,10 @@ def _metrics(body: Mapping[str, Any], what: str) -> dict[str, float]:
     for k, v in raw.items():
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise ProtocolError(f"{what}: metric {k!r} must be a number, got {v!r}")
-        out[str(k)] = float(v)
+        try:
+            out[str(k)] = float(v)
+        except OverflowError:
+            raise ProtocolError(f"{what}: metric {k!r} is out of range") from None
     return out
 
 
@@ -115,8 +121,8 @@ class Update:
     def parse(cls, body: Mapping[str, Any], sender: str) -> Update:
         what = f"update from {sender!r}"
         n = _field(body, "num_samples", int, what)
-        if n < 1:
-            raise ProtocolError(f"{what}: num_samples must be >= 1, got {n}")
+        if not 1 <= n <= MAX_SAMPLES:
+            raise ProtocolError(f"{what}: num_samples must be in [1, 2**53], got {n}")
         return cls(
             attempt=_field(body, "attempt", str, what),
             instance=_field(body, "instance", str, what),

@@ -40,7 +40,7 @@ def participants_per_round(per_round: int | float | None, available: int) -> int
             raise ValueError(f"clients_per_round must be >= 1, got {per_round}")
         return min(per_round, available)
     if isinstance(per_round, float) and 0 < per_round <= 1:
-        return max(1, min(available, math.ceil(per_round * available)))
+        return min(available, max(1, math.ceil(round(per_round * available, 9))))
     raise ValueError(
         f"clients_per_round must be an int >= 1, a fraction in (0, 1] or None, got {per_round!r}"
     )

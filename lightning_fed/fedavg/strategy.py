@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
@@ -32,6 +32,12 @@ from lightning_fed.fedavg.outputs import save_report, scalar_metrics
 from lightning_fed.fedavg.progress import RoundProgressBar
 
 log = logging.getLogger(__name__)
+
+
+def _callbacks(trainer: pl.Trainer) -> list[Callback]:
+    """The Trainer's callback list (an attribute its type stubs do not declare)."""
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    return callbacks
 
 
 class _RoundTicks:
@@ -224,7 +230,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
             trainer.fit_loop.min_epochs = 0
         self._hooks = hooks
         self._trainer = trainer
-        trainer.callbacks.append(hooks)
+        _callbacks(trainer).append(hooks)
         if self.role == "aggregator" and self.config.recovery:
             assert isinstance(hooks, AggregatorHooks)
             hooks.restore_if_possible(trainer)
@@ -236,13 +242,13 @@ class FedAvgStrategy(SingleDeviceStrategy):
         trainer.fit_loop.max_epochs = self.config.rounds
         trainer.fit_loop.min_epochs = 0
         trainer.check_val_every_n_epoch = self.config.log_rounds
-        trainer.log_every_n_steps = 1
+        trainer.log_every_n_steps = 1  # type: ignore[attr-defined]
         # Lightning's default bar counts batches per epoch; show one bar over the rounds.
-        for i, cb in enumerate(trainer.callbacks):
+        for i, cb in enumerate(_callbacks(trainer)):
             if type(cb) is TQDMProgressBar:
                 bar = RoundProgressBar(self.config.rounds, refresh_rate=cb.refresh_rate, leave=True)
-                bar.setup(trainer, self.lightning_module, "fit")  # callbacks' setup already ran
-                trainer.callbacks[i] = bar
+                bar.setup(trainer, self.lightning_module, "fit")  # type: ignore[arg-type]  # callbacks' setup already ran
+                _callbacks(trainer)[i] = bar
 
     def _open_channel(self, trainer: pl.Trainer) -> Channel:
         if isinstance(self._channel_arg, Channel):
@@ -320,9 +326,9 @@ class FedAvgStrategy(SingleDeviceStrategy):
 
     @override
     def teardown(self) -> None:
-        if self._hooks is not None and self._trainer is not None:
-            if self._hooks in self._trainer.callbacks:
-                self._trainer.callbacks.remove(self._hooks)
+        trainer, hooks = self._trainer, self._hooks
+        if hooks is not None and trainer is not None and hooks in _callbacks(trainer):
+            _callbacks(trainer).remove(hooks)
         self._hooks, self._trainer = None, None
         if self._channel is not None:
             self._channel.close()

@@ -1,0 +1,161 @@
+"""Federation parties for the multi-process FedAvg tests (started with spawn).
+
+Each party is a real Lightning Trainer with ``FedAvgStrategy`` in its own process,
+logging to ``<root>/<node>.log``. Behaviour switches (``opts``) make faulty clients:
+one that dies in a given round, one that is slow, one that sends NaN weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+FEATURES = 6
+
+
+def dataset(seed: int, n: int) -> TensorDataset:
+    """A small synthetic classification set (linearly separable-ish, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, FEATURES, generator=g)
+    w = torch.arange(1, FEATURES + 1, dtype=torch.float32)
+    y = ((x @ w) > 0).long()
+    return TensorDataset(x, y)
+
+
+class TinyNet(L.LightningModule):
+    """A two-layer MLP; ``opts`` turns it into a faulty client for a test."""
+
+    def __init__(self, lr: float = 0.1, momentum: float = 0.0, opts: dict[str, Any] | None = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.lr, self.momentum = lr, momentum
+        self.opts = opts or {}
+        self.epochs_done = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        # The round this epoch trains for (one local epoch per round in these tests).
+        round = self.epochs_done + 1
+        if self.opts.get("die_in_round") == round:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.opts.get("slow_in_round") == round:
+            time.sleep(float(self.opts["slow_seconds"]))
+        time.sleep(float(self.opts.get("slow_every_round", 0)))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.opts.get("nan_in_round") == self.epochs_done + 1:
+            with torch.no_grad():
+                self.net[0].weight[0, 0] = float("nan")
+
+    def on_train_epoch_end(self) -> None:
+        self.epochs_done += 1
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def _logging(root: str, node: str) -> None:
+    warnings.filterwarnings("ignore")
+    handler = logging.FileHandler(Path(root) / f"{node}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def run_party(
+    root: str, node: str, role: str, strategy_kwargs: dict[str, Any], party: dict[str, Any]
+) -> None:
+    """One party: a Trainer with FedAvgStrategy over ``root/channel``; exits 1 on failure."""
+    _logging(root, node)
+    from lightning_fed import FedAvgStrategy
+
+    L.seed_everything(party.get("seed", 0), verbose=False)
+    strategy = FedAvgStrategy(
+        str(Path(root) / "channel"),
+        "t",
+        node,
+        role,
+        keys=str(Path(root) / "keys"),
+        **strategy_kwargs,
+    )
+    trainer = L.Trainer(
+        strategy=strategy,
+        default_root_dir=str(Path(root) / node),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=role == "aggregator",
+        max_epochs=-1 if role == "client" else None,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    model = TinyNet(party.get("lr", 0.1), party.get("momentum", 0.0), party.get("opts"))
+    data_seed, n = party.get("data_seed", 0), party.get("n", 64)
+    batch = party.get("batch_size", 16)
+    data = dataset(data_seed, n)
+    try:
+        if role == "aggregator":
+            holdout = DataLoader(dataset(999, 128), batch_size=128)
+            trainer.fit(model, val_dataloaders=holdout)
+            trainer.test(model, dataloaders=holdout, verbose=False)
+        else:
+            trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch, shuffle=False))
+    except Exception as exc:
+        logging.getLogger("party").error("FAILED %s: %s", type(exc).__name__, exc)
+        sys.exit(1)
+
+
+def run_plain(root: str, epochs: int, party: dict[str, Any]) -> None:
+    """Plain Lightning training (no federation), saving the final weights."""
+    warnings.filterwarnings("ignore")
+    from safetensors.torch import save_file
+
+    L.seed_everything(party.get("seed", 0), verbose=False)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        default_root_dir=str(Path(root) / "plain"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    model = TinyNet(party.get("lr", 0.1), party.get("momentum", 0.0))
+    data = dataset(party.get("data_seed", 0), party.get("n", 64))
+    loader = DataLoader(data, batch_size=party.get("batch_size", 16), shuffle=False)
+    trainer.fit(model, train_dataloaders=loader)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(Path(root) / "plain.safetensors"),
+    )

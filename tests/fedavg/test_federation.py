@@ -1,0 +1,243 @@
+"""Whole federations in real processes: end to end, identities, failures, recovery.
+
+Every party is a Lightning Trainer with FedAvgStrategy in its own spawned process,
+over a local-directory channel.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_fed.simulate import make_keys
+from tests.fedavg import parties
+
+pytestmark = pytest.mark.slow
+CTX = mp.get_context("spawn")
+FAST = {"schedule_timeout": 60, "calculation_timeout": 60}
+
+
+class Federation:
+    """Starts parties as processes in one folder and reads what they leave behind."""
+
+    def __init__(self, root: Path, clients: list[str]) -> None:
+        self.root = root
+        self.clients = clients
+        make_keys(root, "t", ["agg", *clients])
+        self.procs: dict[str, Any] = {}
+
+    def start(
+        self,
+        node: str,
+        role: str,
+        strategy: dict[str, Any],
+        party: dict[str, Any] | None = None,
+        key: str | None = None,
+    ) -> Any:
+        p = CTX.Process(
+            target=parties.run_party, args=(str(self.root), node, role, strategy, party or {})
+        )
+        p.start()
+        self.procs[key or node] = p
+        return p
+
+    def wait(self, timeout: float = 240) -> dict[str, int | None]:
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            p.join(max(0.1, deadline - time.monotonic()))
+        codes = {k: p.exitcode for k, p in self.procs.items()}
+        for p in self.procs.values():
+            if p.is_alive():
+                p.kill()
+        return codes
+
+    def log(self, node: str) -> str:
+        path = self.root / f"{node}.log"
+        return path.read_text() if path.exists() else ""
+
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.out("agg") / "report.json").read_text())
+
+    def out(self, node: str) -> Path:
+        return self.root / node / "fedavg" / "t" / node
+
+    def wait_for_log(self, node: str, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log(node):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{node} never logged {text!r}:\n{self.log(node)}")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[Any]:
+    made: list[Federation] = []
+
+    def make(*clients: str) -> Federation:
+        f = Federation(tmp_path, list(clients))
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        for p in f.procs.values():
+            if p.is_alive():
+                p.kill()
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_end_to_end_clients_first_outputs_everywhere(fed: Any) -> None:
+    f = fed("c1", "c2")
+    for i, c in enumerate(f.clients):  # clients start before the aggregator and retry
+        f.start(c, "client", FAST, {"data_seed": i + 1})
+    time.sleep(3)
+    f.start("agg", "aggregator", {**FAST, "rounds": 3})
+    assert f.wait() == {"c1": 0, "c2": 0, "agg": 0}, f.log("agg")
+    report = f.report()
+    assert report["rounds_completed"] == 3
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert all(r["samples"] == {"c1": 64, "c2": 64} for r in report["rounds"])
+    assert "val_acc" in report["final_metrics"] and "test_acc" in report["test_metrics"]
+    final = _weights(f.out("agg") / "final.safetensors")
+    for c in f.clients:  # every client holds the same final global model
+        theirs = _weights(f.out(c) / "final.safetensors")
+        assert all(torch.equal(final[k], theirs[k]) for k in final)
+        assert json.loads((f.out(c) / "report.json").read_text())["rounds_completed"] == 3
+    assert (f.out("agg") / "final.ckpt").is_file()
+
+
+def test_one_client_equals_plain_lightning(fed: Any, tmp_path: Path) -> None:
+    """R rounds x 1 epoch with one client == plain Lightning for R epochs (same order)."""
+    party = {"n": 50, "batch_size": 8, "lr": 0.05, "momentum": 0.9}
+    f = fed("c1")
+    f.start("c1", "client", FAST, party)
+    f.start("agg", "aggregator", {**FAST, "rounds": 4})
+    plain = CTX.Process(target=parties.run_plain, args=(str(tmp_path), 4, party))
+    plain.start()
+    plain.join(240)
+    assert f.wait() == {"c1": 0, "agg": 0}, f.log("c1") + f.log("agg")
+    assert plain.exitcode == 0
+    expected = _weights(tmp_path / "plain.safetensors")
+    for node in ("c1", "agg"):
+        got = _weights(f.out(node) / "final.safetensors")
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fedsgd_equals_one_centralised_full_batch_step(fed: Any) -> None:
+    """K clients x one full-batch plain-SGD step, averaged == one step on the union."""
+    sizes = [30, 50, 20]
+    f = fed("c1", "c2", "c3")
+    for i, c in enumerate(f.clients):
+        f.start(c, "client", FAST, {"data_seed": i + 1, "n": sizes[i], "batch_size": sizes[i]})
+    f.start("agg", "aggregator", {**FAST, "rounds": 1})
+    assert f.wait() == {"c1": 0, "c2": 0, "c3": 0, "agg": 0}, f.log("agg")
+
+    torch.manual_seed(0)  # the aggregator's initial model: seeded the same way
+    import lightning.pytorch as L
+
+    L.seed_everything(0, verbose=False)
+    model = parties.TinyNet(lr=0.1)
+    xs, ys = zip(*(parties.dataset(i + 1, n).tensors for i, n in enumerate(sizes)))
+    x, y = torch.cat(xs), torch.cat(ys)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    got = _weights(f.out("agg") / "final.safetensors")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_client_killed_mid_round_and_late_upload_rejected(fed: Any) -> None:
+    f = fed("c1", "c2", "c3")
+    f.start("c1", "client", FAST)
+    f.start("c2", "client", FAST, {"opts": {"slow_in_round": 1, "slow_seconds": 8}})
+    f.start("c3", "client", FAST, {"opts": {"die_in_round": 2}})
+    agg = {**FAST, "rounds": 3, "min_clients": 1, "calculation_timeout": 5}
+    f.start("agg", "aggregator", agg)
+    codes = f.wait()
+    assert codes["agg"] == 0 and codes["c1"] == 0, f.log("agg")
+    assert codes["c3"] == -signal.SIGKILL
+    rounds = {r["round"]: r for r in f.report()["rounds"]}
+    assert rounds[1]["missing"] == ["c2"]  # too slow for round 1
+    assert "c3" in rounds[2]["missing"]  # killed during round 2
+    assert "c1" in rounds[3]["samples"]
+    log = f.log("agg")
+    assert "rejected the update of c2 (round 1)" in log  # the late upload, not averaged
+    assert "belongs to round 1" in log
+
+
+def test_too_few_updates_fail_the_round_and_abort_clients(fed: Any) -> None:
+    f = fed("c1", "c2")
+    f.start("c1", "client", FAST)
+    f.start("c2", "client", FAST, {"opts": {"die_in_round": 1}})
+    f.start("agg", "aggregator", {**FAST, "rounds": 2, "min_clients": 2, "calculation_timeout": 4})
+    codes = f.wait()
+    assert codes["agg"] == 1 and codes["c1"] == 1
+    assert "RoundFailedError" in f.log("agg") and "min_clients=2" in f.log("agg")
+    assert "no update from c2" in f.log("agg")
+    assert "aborted the federation" in f.log("c1")
+
+
+def test_nan_weights_rejected_round_goes_on(fed: Any) -> None:
+    f = fed("c1", "c2")
+    f.start("c1", "client", FAST)
+    f.start("c2", "client", FAST, {"opts": {"nan_in_round": 1}})
+    f.start("agg", "aggregator", {**FAST, "rounds": 2})
+    codes = f.wait()
+    assert codes["agg"] == 0, f.log("agg")
+    r1 = f.report()["rounds"][0]
+    assert list(r1["samples"]) == ["c1"]
+    assert "NaN" in r1["rejected"]["c2"]
+    assert "rejected the update of c2" in f.log("agg")
+    final = _weights(f.out("agg") / "final.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_aggregator_killed_in_round_3_resumes_with_recovery(fed: Any) -> None:
+    f = fed("c1", "c2")
+    slow = {"opts": {"slow_in_round": 3, "slow_seconds": 3}}  # a window to kill in
+    f.start("c1", "client", FAST, slow)
+    f.start("c2", "client", FAST)
+    agg = {**FAST, "rounds": 5, "recovery": True}
+    first = f.start("agg", "aggregator", agg, key="agg-1")
+    f.wait_for_log("agg", "round 3 started")
+    os.kill(first.pid, signal.SIGKILL)
+    first.join(10)
+    assert first.exitcode == -signal.SIGKILL
+    f.start("agg", "aggregator", agg, key="agg-2")
+    codes = f.wait()
+    assert codes["agg-2"] == 0 and codes["c1"] == 0 and codes["c2"] == 0, f.log("agg")
+    report = f.report()
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4, 5]  # none lost or repeated
+    assert "resuming after round 2" in f.log("agg")
+
+
+def test_node_started_twice_later_process_supersedes(fed: Any) -> None:
+    f = fed("c1", "c2")
+    f.start("c1", "client", FAST, key="c1-first")
+    f.start("c2", "client", FAST, {"opts": {"slow_every_round": 1.5}})
+    f.start("agg", "aggregator", {**FAST, "rounds": 8, "calculation_timeout": 10})
+    f.wait_for_log("agg", "round 1 started")
+    f.start("c1", "client", FAST, key="c1-second")
+    codes = f.wait()
+    assert codes["agg"] == 0 and codes["c1-second"] == 0 and codes["c2"] == 0, f.log("agg")
+    assert codes["c1-first"] == 1
+    assert "SupersededError" in f.log("c1")
+    assert "checked in again from a new process" in f.log("agg")
+    assert f.report()["rounds_completed"] == 8
