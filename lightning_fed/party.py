@@ -9,10 +9,12 @@ each organisation runs it with its own config (channel on S3, its own node id).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning.pytorch as L
 from lightning.pytorch.cli import LightningCLI
@@ -35,13 +37,17 @@ def _quiet_known_noise() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the party from its config and run it; returns the exit status."""
     _quiet_known_noise()
+    args = list(sys.argv[1:] if argv is None else argv)
+    for flag, value in itertools.pairwise(args):
+        if flag == "--config":  # the config's folder resolves class_path: module.Class
+            sys.path.insert(0, str(Path(value).resolve().parent))
     cli = LightningCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         run=False,
-        args=list(sys.argv[1:] if argv is None else argv),
+        args=None if argv is None else args,
         save_config_kwargs={"overwrite": True},
     )
     strategy = cli.trainer.strategy
@@ -57,8 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FedAvgError, ChannelError) as exc:
         print(f"lightning-fed party {strategy.node_id}: error: {exc}", file=sys.stderr)
         return 1
-    if cli.trainer.interrupted:
-        return 130
     return 0
 
 

@@ -62,7 +62,7 @@ class FedAvgConfig:
     schedule_timeout: float = 60.0
     log_rounds: int = 1
     recovery: bool = False
-    local_keys: tuple[str, ...] = field(default_factory=tuple)
+    local_keys: Sequence[str] = field(default_factory=tuple)
     seed: int = 0
     aggregator: str | None = None
     state_dir: str | os.PathLike[str] | None = None
@@ -81,6 +81,9 @@ class FedAvgConfig:
                 "could ever succeed; hint: lower min_clients"
             )
         per = self.clients_per_round
+        if isinstance(per, float) and per > 1 and per.is_integer():
+            per = int(per)  # YAML/CLI parsers may hand a count over as 2.0
+            object.__setattr__(self, "clients_per_round", per)
         if per is not None and not (
             (isinstance(per, int) and not isinstance(per, bool) and per >= 1)
             or (isinstance(per, float) and 0 < per <= 1)

@@ -67,6 +67,7 @@ class AggregatorHooks(_RoleHooks):
         self.history: list[dict[str, Any]] = []
         self.trainer: pl.Trainer | None = None
         self.resumed_after = 0
+        self._validated: dict[str, float] | None = None
 
     @property
     @override
@@ -141,13 +142,25 @@ class AggregatorHooks(_RoleHooks):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             pl_module.log("step", float(trainer.current_epoch + 1))  # the round is the x-axis
+            self._validated = {}
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validated is not None:
+            self._validated = scalar_metrics(trainer.callback_metrics)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validated = None
+        if trainer.current_epoch + 1 == self.config.rounds:
+            trainer.check_val_every_n_epoch = 1  # the final global model is always validated
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         round = trainer.current_epoch + 1
         if not self.history or self.history[-1]["round"] != round:
             return
-        metrics = scalar_metrics(trainer.callback_metrics)
+        metrics = self._validated or {}  # empty in rounds that log_rounds skips
         self.history[-1]["metrics"] = metrics
         shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         log.info(
@@ -173,7 +186,9 @@ class AggregatorHooks(_RoleHooks):
             "rounds_planned": self.config.rounds,
             "rounds_completed": len(self.history),
             "rounds": self.history,
-            "final_metrics": self.history[-1].get("metrics", {}) if self.history else {},
+            "final_metrics": next(
+                (r["metrics"] for r in reversed(self.history) if r.get("metrics")), {}
+            ),
             "finished_at": time.time(),
         }
 

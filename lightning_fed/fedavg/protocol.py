@@ -6,7 +6,7 @@ Sequence (see docs/fedavg.md for the diagram)::
     aggregator  -> client       checkin-ack   {instance, rounds, ...}
     aggregator  -> sampled      round         {attempt, instances, local_epochs}  + global weights
     client      -> aggregator   update        {attempt, instance, num_samples, metrics} + weights
-    aggregator  -> every client finish        {report}                         + final weights
+    aggregator  -> every client finish        {report, instances}   + final weights
     aggregator  -> every client abort         {reason}              (the federation failed)
 
 Bodies come from peers, so every field is checked before use; a malformed body is a

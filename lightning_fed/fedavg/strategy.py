@@ -143,7 +143,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
             schedule_timeout=schedule_timeout,
             log_rounds=log_rounds,
             recovery=recovery,
-            local_keys=tuple(local_keys),
+            local_keys=local_keys,
             seed=seed,
             aggregator=aggregator,
             state_dir=state_dir,
