@@ -222,6 +222,7 @@ class ClientHooks(_RoleHooks):
         self.epochs_left = 0
         self.finished = False
         self.seen = 0
+        self.fit_started = time.monotonic()
         self._counted_batches = False
 
     @override
@@ -238,6 +239,7 @@ class ClientHooks(_RoleHooks):
         if instruction.kind == P.ROUND:
             assert instruction.start is not None
             self.epochs_left = instruction.start.local_epochs
+            self.fit_started = time.monotonic()
             return
         self.finished = True
         trainer.should_stop = True
@@ -280,6 +282,7 @@ class ClientHooks(_RoleHooks):
                 "check its train_dataloader and limit_train_batches"
             )
         metrics = scalar_metrics(trainer.callback_metrics)
+        metrics["fit_seconds"] = time.monotonic() - self.fit_started  # local training time
         self.role.upload(federated_state(pl_module, self.names), self.seen, metrics)
         current = self.role.current
         log.info(
