@@ -195,7 +195,7 @@ class AggregatorRole:
                 self.handle_checkin(msg)
                 continue
             problem, update = self._judge(msg, round, attempt, waiting, expected)
-            if problem is not None or update is None:
+            if update is None or problem is not None:
                 log.warning(
                     "aggregator: rejected the update of %s (round %d): %s",
                     msg.sender,

@@ -24,9 +24,14 @@ from lightning_fed.fedavg.aggregate import TensorSpec, spec_of
 from lightning_fed.fedavg.aggregator import AggregatorRole
 from lightning_fed.fedavg.client import ClientRole, Instruction
 from lightning_fed.fedavg.errors import FedAvgError
-from lightning_fed.fedavg.outputs import save_report, save_weights, scalar_metrics
+from lightning_fed.fedavg.outputs import (
+    save_report,
+    save_weights,
+    scalar_metrics,
+    temporary_sibling,
+)
 from lightning_fed.fedavg.selection import federated_names
-from lightning_fed.fedavg.weights import federated_state, load_state
+from lightning_fed.fedavg.weights import copy_state, federated_state, load_state
 
 if TYPE_CHECKING:
     from lightning_fed.fedavg.strategy import FedAvgStrategy
@@ -124,7 +129,7 @@ class AggregatorHooks(_RoleHooks):
         assert trainer is not None and module is not None
         round = trainer.current_epoch + 1
         result = self.role.run_round(round, federated_state(module, self.names), self.expected)
-        load_state(module, result.state, self.expected, "the aggregation")
+        copy_state(module, result.state)  # the mean of updates that passed update_problems
         self.history.append(result.summary())
         flat: dict[str, float] = {
             "fedavg/participants": float(len(result.samples)),
@@ -173,8 +178,7 @@ class AggregatorHooks(_RoleHooks):
         )
         if self.config.recovery:
             path = self.recovery_path(trainer)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp = temporary_sibling(path)
             trainer.save_checkpoint(tmp)
             os.replace(tmp, path)
 

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 
-def _atomic_path(path: Path) -> Path:
+def temporary_sibling(path: Path) -> Path:
+    """A temporary name next to ``path`` (its folder created) to write, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -25,7 +26,7 @@ def _atomic_path(path: Path) -> Path:
 def save_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
     """Write tensors as a safetensors file (load with ``safetensors.torch.load_file``)."""
     final = Path(path)
-    tmp = _atomic_path(final)
+    tmp = temporary_sibling(final)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, final)
     return final
@@ -44,7 +45,7 @@ def _jsonable(value: Any) -> Any:
 def save_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write the metrics report as indented JSON (NaN/Inf become null)."""
     final = Path(path)
-    tmp = _atomic_path(final)
+    tmp = temporary_sibling(final)
     tmp.write_text(json.dumps(_jsonable(dict(report)), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, final)
     return final

@@ -8,11 +8,20 @@ import torch
 
 from lightning_fed.fedavg.aggregate import TensorSpec, update_problems
 from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.fedavg.selection import select
 
 
 def federated_state(module: torch.nn.Module, names: Collection[str]) -> dict[str, torch.Tensor]:
     """The module's federated tensors, detached and on the CPU (no copy when already there)."""
-    return {k: v.detach().cpu() for k, v in module.state_dict().items() if k in names}
+    return {k: v.detach().cpu() for k, v in select(module.state_dict(), set(names)).items()}
+
+
+def copy_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy already-checked tensors into the module's parameters and buffers, in place."""
+    targets = module.state_dict()
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            targets[name].copy_(tensor)
 
 
 def load_state(
@@ -34,7 +43,4 @@ def load_state(
             + "; ".join(problems[:5])
             + "; hint: run the same LightningModule (and local_keys) on every party"
         )
-    targets = module.state_dict()
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            targets[name].copy_(tensor)
+    copy_state(module, tensors)
