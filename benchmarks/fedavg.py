@@ -105,7 +105,9 @@ def _big_party(root: str, node: str, role: str, clients: int, mb: int, q: Any) -
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_fed import FedAvgStrategy
+    from lightning_fed.simulate import threads_per_party
 
+    torch.set_num_threads(threads_per_party(clients + 1))  # as `lightning-fed simulate` does
     side = int((mb * 2**20 / 4) ** 0.5)
 
     class Big(L.LightningModule):
@@ -136,7 +138,7 @@ def _big_party(root: str, node: str, role: str, clients: int, mb: int, q: Any) -
         node,
         role,
         keys=f"{root}/keys",
-        rounds=3,
+        rounds=5,
         calculation_timeout=600,
         schedule_timeout=600,
     )

@@ -103,6 +103,7 @@ def _simulate(args: argparse.Namespace) -> int:
             task_id=args.task_id,
             aggregator_args=args.aggregator_arg,
             client_args=args.client_arg,
+            threads=args.threads,
         )
     except KeyboardInterrupt:
         print("simulate: stopped by Ctrl-C", file=sys.stderr)
@@ -146,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients", type=int, required=True, help="how many clients to start")
     sim.add_argument("--task-id", default="simulation")
     sim.add_argument("--workdir", help="keys, channel and outputs (default: runs/TASK-TIME)")
+    sim.add_argument(
+        "--threads",
+        type=int,
+        help="PyTorch CPU threads per party (default: cores // parties, at least 1)",
+    )
     sim.add_argument(
         "--aggregator-arg",
         action="append",

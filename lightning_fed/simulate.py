@@ -106,8 +106,23 @@ def _pump(stream: IO[bytes], prefix: str, out: IO[str], lock: threading.Lock) ->
     stream.close()
 
 
-def _environment(configs: Sequence[Path]) -> dict[str, str]:
+def threads_per_party(parties: int) -> int:
+    """CPU threads for each party's PyTorch, so that the parties share the cores.
+
+    ``max(1, cores // parties)``: without a limit every process would start one
+    thread per core, and N parties on C cores would oversubscribe them N times.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, parties))
+
+
+def _environment(configs: Sequence[Path], threads: int | None, parties: int) -> dict[str, str]:
     env = dict(os.environ)
+    # PyTorch's intra-op threads: an explicit value, else the user's environment, else a share.
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    else:
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_party(parties)))
     # The configs' folders go on the path, so class_path: digits.DigitsCNN resolves.
     paths = [str(p.parent.resolve()) for p in configs]
     if env.get("PYTHONPATH"):
@@ -127,6 +142,7 @@ def simulate(
     aggregator_args: Sequence[str] = (),
     client_args: Sequence[str] = (),
     out: IO[str] | None = None,
+    threads: int | None = None,
 ) -> SimulationResult:
     """Run a whole federation as separate processes and wait for every party.
 
@@ -140,9 +156,15 @@ def simulate(
         aggregator_args: extra LightningCLI arguments for the aggregator.
         client_args: extra LightningCLI arguments for every client.
         out: where the parties' prefixed lines go (default: stdout).
+        threads: PyTorch CPU threads per party (default: ``OMP_NUM_THREADS`` if set,
+            else :func:`threads_per_party`).
     """
     if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
         raise ValueError(f"clients must be an int >= 1, got {clients!r}")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
     agg_cfg, cli_cfg = Path(aggregator_config), Path(client_config)
     for path in (agg_cfg, cli_cfg):
         if not path.is_file():
@@ -181,7 +203,7 @@ def simulate(
                 client_id(i), party_command(cli_cfg, client_id(i), "client", root, task_id, extra)
             )
         )
-    env = _environment([agg_cfg, cli_cfg])
+    env = _environment([agg_cfg, cli_cfg], threads, len(parties))
     width = max(len(p.node_id) for p in parties)
     lock = threading.Lock()
     interrupted = False

@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 ENVELOPE_SUFFIX = ".msg"
 BLOB_SUFFIX = ".safetensors"
 SEQ_DIGITS = 20
+#: Default longest polling interval on a local folder or ``memory://``, in seconds.
+POLL_MAX_LOCAL = 0.02
+#: Default longest polling interval on object stores and remote file systems, in seconds.
+POLL_MAX_REMOTE = 0.2
 
 Selector = str | Collection[str] | None
 
@@ -105,7 +109,10 @@ class Channel:
         storage_options: fsspec options (credentials, ``endpoint_url``...).
         timeout: default deadline of a receive, in seconds.
         poll_initial: first polling interval in seconds while waiting.
-        poll_max: longest polling interval in seconds.
+        poll_max: longest polling interval in seconds; None picks
+            :data:`POLL_MAX_LOCAL` for a local folder (listing it costs microseconds)
+            and :data:`POLL_MAX_REMOTE` for object stores and remote file systems
+            (each listing is a billed request).
         max_blob_bytes: the largest tensor blob this node accepts from a peer.
         state_dir: a local folder for this node's journal of consumed messages; with
             it, replays are refused across restarts too (see :mod:`.journal`).
@@ -120,7 +127,7 @@ class Channel:
         storage_options: Mapping[str, Any] | None = None,
         timeout: float = 300.0,
         poll_initial: float = 0.002,
-        poll_max: float = 0.2,
+        poll_max: float | None = None,
         max_blob_bytes: int = 32 << 30,
         state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -135,7 +142,7 @@ class Channel:
                 f"the private key of node {identity.node_id!r} does not match its public key "
                 f"in task {task.task_id!r}; hint: use the key pair made for this node"
             )
-        Backoff(poll_initial, poll_max)  # validates the intervals now
+        Backoff(poll_initial, max(poll_initial, POLL_MAX_LOCAL) if poll_max is None else poll_max)
         self._check_timeout(timeout)
         self.url = url
         self.task = task
@@ -143,7 +150,7 @@ class Channel:
         self.storage_options = dict(storage_options or {})
         self.timeout = timeout
         self.poll_initial = poll_initial
-        self.poll_max = poll_max
+        self._poll_max = poll_max
         self.max_blob_bytes = max_blob_bytes
         self.rejections: list[Rejection] = []
         self._store: Store | None = None
@@ -185,6 +192,14 @@ class Channel:
         if self._store is None:
             raise ChannelError("channel is not connected; hint: call connect() or use `with`")
         return self._store
+
+    @property
+    def poll_max(self) -> float:
+        """The longest polling interval in seconds (the default depends on the storage)."""
+        if self._poll_max is not None:
+            return self._poll_max
+        local = self._store is not None and (self._store.local or "memory" in self._store.protocols)
+        return max(self.poll_initial, POLL_MAX_LOCAL if local else POLL_MAX_REMOTE)
 
     @property
     def node_id(self) -> str:

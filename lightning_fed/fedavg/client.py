@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -231,7 +231,7 @@ class ClientRole:
         """
         if self._unacked is not None:
             self.channel.ack(self._unacked)
-        self._unacked = msg
+        self._unacked = replace(msg, tensors={})  # the key, not the weights
         if grace:
             time.sleep(grace)
             self.channel.ack(msg)

@@ -16,6 +16,7 @@ from lightning_fed.channel import (
     inspect_task,
     remove_task,
 )
+from lightning_fed.channel.channel import POLL_MAX_LOCAL, POLL_MAX_REMOTE
 from tests.channel.helpers import Federation
 from tests.conftest import Backend
 
@@ -199,3 +200,12 @@ def test_bad_arguments_fail_clearly(backend: Backend, fed: Federation) -> None:
     with pytest.raises(ValueError, match="deadline"):
         c1.receive(timeout=float("inf"))
     assert c1.poll() == [] and fed.channel(backend, "agg").poll() == []  # nothing was sent
+
+
+def test_polling_interval_defaults_to_the_storage_kind(backend: Backend, fed: Federation) -> None:
+    ch = fed.channel(backend, "agg")
+    want = POLL_MAX_REMOTE if backend.name == "s3" else POLL_MAX_LOCAL
+    assert ch.poll_max == want
+    assert fed.channel(backend, "agg", poll_max=0.5).poll_max == 0.5
+    # A first interval longer than the default cap raises the cap instead of failing.
+    assert fed.channel(backend, "agg", poll_initial=0.3).poll_max == 0.3

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from lightning_fed.fedavg.aggregate import (
+    FINITE_CHUNK,
     TensorSpec,
     WeightedMean,
+    all_finite,
     spec_of,
     update_problems,
     weighted_average,
@@ -364,3 +366,53 @@ def test_update_problems_does_not_flag_large_finite_values():
     expected = spec_of({"w": torch.zeros(2)})
     big = torch.tensor([torch.finfo(torch.float32).max, -1e30])
     assert update_problems(expected, {"w": big}) == []
+
+
+# -- all_finite: the fast sum and the exact chunked pass --------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_all_finite_finds_one_bad_value_anywhere(dtype, bad):
+    size = 2 * FINITE_CHUNK + 17  # several chunks of the exact pass, and a ragged end
+    for where in (0, FINITE_CHUNK - 1, FINITE_CHUNK, size - 1):
+        t = torch.zeros(size, dtype=dtype)
+        assert all_finite(t)
+        t[where] = bad
+        assert not all_finite(t), (dtype, bad, where)
+
+
+def test_all_finite_is_exact_when_the_fast_sum_overflows():
+    huge = torch.finfo(torch.float32).max
+    t = torch.full((FINITE_CHUNK + 5,), huge)  # the float32 sum is inf, every value finite
+    assert not bool(torch.isfinite(t.sum()))
+    assert all_finite(t)
+    t[-1] = math.inf
+    assert not all_finite(t)
+
+
+def test_all_finite_sees_opposite_infinities_that_cancel_in_a_sum():
+    assert not all_finite(torch.tensor([math.inf, -math.inf, 1.0]))
+
+
+def test_all_finite_on_views_complex_integers_and_empty_tensors():
+    t = torch.ones(64, 32)
+    t[3, 5] = math.nan
+    assert not all_finite(t.t())  # a non-contiguous view
+    assert not all_finite(t[3])
+    assert all_finite(t[4])
+    assert not all_finite(torch.tensor([1 + 1j, complex(math.nan, 0)]))
+    assert all_finite(torch.tensor([1 + 1j, 2 - 3j]))
+    assert all_finite(torch.tensor([2**62, -(2**62)], dtype=torch.int64))
+    assert all_finite(torch.tensor([True, False]))
+    assert all_finite(torch.empty(0))
+
+
+def test_all_finite_agrees_with_isfinite_on_random_tensors():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        t = torch.randn(int(torch.randint(1, 5000, (1,), generator=g)), generator=g) * 1e37
+        if trial % 2:
+            idx = torch.randint(0, t.numel(), (3,), generator=g)
+            t[idx] = torch.tensor([math.nan, math.inf, -math.inf])[trial % 3]
+        assert all_finite(t) == bool(torch.isfinite(t).all())

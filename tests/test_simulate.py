@@ -1,0 +1,150 @@
+"""``lightning-fed simulate``: real parties in real processes, started by the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_fed.simulate import _environment, threads_per_party
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits"
+pytestmark = pytest.mark.timeout(240)
+
+
+def simulate_command(workdir: Path, *extra: str, clients: int = 2) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lightning_fed.cli",
+        "simulate",
+        "--aggregator",
+        str(DIGITS / "aggregator.yaml"),
+        "--client",
+        str(DIGITS / "client.yaml"),
+        "--clients",
+        str(clients),
+        "--task-id",
+        "sim",
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_threads_per_party_shares_the_cores() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_party(1) == cores
+    assert threads_per_party(cores) == 1
+    assert threads_per_party(10 * cores) == 1  # never 0
+    assert threads_per_party(0) == cores
+
+
+def test_threads_setting_explicit_beats_environment_beats_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _environment([], None, 10_000)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _environment([], None, 10_000)["OMP_NUM_THREADS"] == "3"
+    assert _environment([], 5, 10_000)["OMP_NUM_THREADS"] == "5"
+
+
+def test_simulate_runs_a_federation_and_says_where_the_outputs_are(tmp_path: Path) -> None:
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        simulate_command(
+            workdir,
+            "--aggregator-arg=--trainer.strategy.init_args.rounds=2",
+            "--threads=1",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=200,
+        cwd=tmp_path,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    lines = out.splitlines()
+    assert any(line.startswith("[aggregator] ") for line in lines), out
+    assert any(line.startswith("[client-1  ] ") for line in lines), out
+    assert any(line.startswith("[client-2  ] ") for line in lines), out
+    assert "2 rounds completed; final: test_acc=" in out
+    outputs = workdir / "aggregator" / "fedavg" / "sim" / "aggregator"
+    assert f"final model:  {outputs / 'final.safetensors'}" in out
+    assert f"tensorboard --logdir {workdir / 'aggregator' / 'lightning_logs'}" in out
+    report = json.loads((outputs / "report.json").read_text())
+    assert report["rounds_completed"] == 2
+    assert report["clients"] == ["client-1", "client-2"]
+    for client in ("client-1", "client-2"):  # the final model reached every client
+        assert (workdir / client / "fedavg" / "sim" / client / "final.safetensors").is_file()
+
+
+def test_a_failing_aggregator_stops_the_clients_and_the_exit_code_says_so(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / "run"
+    started = time.monotonic()
+    done = subprocess.run(
+        simulate_command(workdir, "--aggregator-arg=--trainer.strategy.init_args.rounds=0"),
+        capture_output=True,
+        text=True,
+        timeout=200,
+        cwd=tmp_path,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "rounds" in out  # the aggregator's own error names the bad setting
+    assert "the aggregator failed" in out and "stopping the clients" in out
+    assert "aggregator: FAILED" in out
+    # The clients would wait schedule_timeout (120 s) for an acknowledgement.
+    assert time.monotonic() - started < 90
+    assert processes_mentioning(str(workdir)) == []
+
+
+def test_ctrl_c_stops_every_party(tmp_path: Path) -> None:
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        simulate_command(workdir, "--aggregator-arg=--trainer.strategy.init_args.rounds=500"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # wait until the federation is really running
+        seen.append(line)
+        if "round 1/500 done" in line:
+            break
+    else:
+        pytest.fail("the federation never completed round 1:\n" + "".join(seen))
+    assert len(processes_mentioning(str(workdir))) >= 3
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "stopping every party" in rest
+    assert processes_mentioning(str(workdir)) == []
