@@ -168,7 +168,12 @@ class AggregatorRole:
                 f"{cfg.min_clients}; hint: start more clients or lower min_clients"
             )
         attempt = secrets.token_hex(8)
-        body = P.RoundStart(attempt, cfg.local_epochs, {c: self.clients[c] for c in chosen})
+        body = P.RoundStart(
+            attempt,
+            cfg.epochs_per_round,
+            {c: self.clients[c] for c in chosen},
+            cfg.local_steps,
+        )
         self.channel.send(P.ROUND, P.body_of(body), to=chosen, round=round, tensors=global_state)
         log.info("aggregator: round %d started with %s", round, ", ".join(chosen))
 

@@ -55,7 +55,8 @@ class FedAvgConfig:
     role: Role
     clients: int | None = None
     rounds: int = 10
-    local_epochs: int = 1
+    local_epochs: int | None = None
+    local_steps: int | None = None
     clients_per_round: int | float | None = None
     min_clients: int = 1
     calculation_timeout: float = 300.0
@@ -72,7 +73,15 @@ class FedAvgConfig:
         if self.clients is not None:
             _positive_int("clients", self.clients)
         _positive_int("rounds", self.rounds)
-        _positive_int("local_epochs", self.local_epochs)
+        if self.local_epochs is not None and self.local_steps is not None:
+            raise ValueError(
+                f"give local_epochs ({self.local_epochs!r}) or local_steps "
+                f"({self.local_steps!r}), not both: a round is counted in one unit"
+            )
+        if self.local_epochs is not None:
+            _positive_int("local_epochs", self.local_epochs)
+        if self.local_steps is not None:
+            _positive_int("local_steps", self.local_steps)
         _positive_int("min_clients", self.min_clients)
         _positive_int("log_rounds", self.log_rounds)
         if self.clients is not None and self.min_clients > self.clients:
@@ -121,3 +130,8 @@ class FedAvgConfig:
                 )
         if self.aggregator is not None:
             validate_name(self.aggregator, "aggregator node id")
+
+    @property
+    def epochs_per_round(self) -> int:
+        """Local epochs per round (1 unless given); unused when ``local_steps`` is set."""
+        return 1 if self.local_epochs is None else self.local_epochs

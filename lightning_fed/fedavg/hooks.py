@@ -218,12 +218,19 @@ class AggregatorHooks(_RoleHooks):
 
 
 class ClientHooks(_RoleHooks):
-    """A client's side: check in, train ``local_epochs`` per round, upload, follow."""
+    """A client's side: check in, train each round's epochs or steps, upload, follow.
+
+    In epochs mode the round ends at the end of its last local epoch, and
+    ``num_samples`` is the number of samples of that epoch (the local dataset's size).
+    In steps mode it ends after the batch that completes its optimizer steps, and
+    ``num_samples`` counts every sample trained in the round.
+    """
 
     def __init__(self, strategy: FedAvgStrategy, channel: Channel, output_dir: Path) -> None:
         super().__init__(strategy, channel, output_dir)
         self.role = ClientRole(channel, self.config)
         self.epochs_left = 0
+        self.steps_until: int | None = None  # the global_step that ends a steps round
         self.finished = False
         self.seen = 0
         self.fit_started = time.monotonic()
@@ -241,8 +248,13 @@ class ClientHooks(_RoleHooks):
         source = f"aggregator {self.role.aggregator!r}"
         load_state(pl_module, instruction.tensors, self.expected, source)
         if instruction.kind == P.ROUND:
-            assert instruction.start is not None
-            self.epochs_left = instruction.start.local_epochs
+            start = instruction.start
+            assert start is not None
+            self.epochs_left = start.local_epochs
+            self.steps_until = (
+                None if start.local_steps is None else trainer.global_step + start.local_steps
+            )
+            self.seen = 0
             self.fit_started = time.monotonic()
             return
         self.finished = True
@@ -254,7 +266,8 @@ class ClientHooks(_RoleHooks):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seen = 0
+        if self.steps_until is None:
+            self.seen = 0  # epochs mode: weigh by the last epoch's samples
 
     @override
     def on_train_batch_end(
@@ -265,6 +278,8 @@ class ClientHooks(_RoleHooks):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if self.finished:
+            return
         try:
             self.seen += extract_batch_size(batch)
         except Exception:
@@ -272,14 +287,19 @@ class ClientHooks(_RoleHooks):
                 log.warning("client: cannot infer batch sizes; weighting by batch count")
                 self._counted_batches = True
             self.seen += 1
+        if self.steps_until is not None and trainer.global_step >= self.steps_until:
+            self._end_round(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.finished:
+        if self.finished or self.steps_until is not None:
             return
         self.epochs_left -= 1
-        if self.epochs_left > 0:
-            return
+        if self.epochs_left <= 0:
+            self._end_round(trainer, pl_module)
+
+    def _end_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Upload this round's tensors, then wait for and follow the next instruction."""
         if self.seen < 1:
             raise FedAvgError(
                 f"client {self.channel.node_id!r} trained on no samples this round; hint: "

@@ -94,9 +94,12 @@ class CheckInAck:
 
 @dataclass(frozen=True)
 class RoundStart:
+    """A round's instruction: train ``local_steps`` optimizer steps if set, else epochs."""
+
     attempt: str
     local_epochs: int
     instances: dict[str, str] = field(default_factory=dict)
+    local_steps: int | None = None
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], sender: str) -> RoundStart:
@@ -107,7 +110,12 @@ class RoundStart:
         epochs = _field(body, "local_epochs", int, what)
         if epochs < 1:
             raise ProtocolError(f"{what}: local_epochs must be >= 1, got {epochs}")
-        return cls(_field(body, "attempt", str, what), epochs, dict(instances))
+        steps = body.get("local_steps")
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        ):
+            raise ProtocolError(f"{what}: local_steps must be null or an int >= 1, got {steps!r}")
+        return cls(_field(body, "attempt", str, what), epochs, dict(instances), steps)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,11 @@ class FedAvgStrategy(SingleDeviceStrategy):
         clients: aggregator: how many clients to wait for before round 1 (default: every
             other node of the task).
         rounds: aggregator: number of rounds (the aggregator's ``max_epochs`` is set to it).
-        local_epochs: aggregator: epochs each client trains per round.
+        local_epochs: aggregator: epochs each client trains per round (default 1).
+        local_steps: aggregator: optimizer steps each client trains per round instead
+            of epochs (Lightning's ``global_step`` units, so gradient accumulation
+            counts once per step); a client's data loader carries on across rounds and
+            starts a new epoch whenever it runs out. Exclusive with ``local_epochs``.
         clients_per_round: aggregator: clients sampled per round, a count or a fraction
             in (0, 1]; None takes every checked-in client. Sampling is seeded by ``seed``.
         min_clients: aggregator: fewer usable updates than this fail the round.
@@ -116,7 +120,8 @@ class FedAvgStrategy(SingleDeviceStrategy):
         storage_options: Mapping[str, Any] | None = None,
         clients: int | None = None,
         rounds: int = 10,
-        local_epochs: int = 1,
+        local_epochs: int | None = None,
+        local_steps: int | None = None,
         clients_per_round: int | float | None = None,
         min_clients: int = 1,
         calculation_timeout: float = 300.0,
@@ -137,6 +142,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
             clients=clients,
             rounds=rounds,
             local_epochs=local_epochs,
+            local_steps=local_steps,
             clients_per_round=clients_per_round,
             min_clients=min_clients,
             calculation_timeout=calculation_timeout,

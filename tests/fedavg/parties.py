@@ -92,6 +92,35 @@ def _logging(root: str, node: str) -> None:
     logging.getLogger().setLevel(logging.INFO)
 
 
+def tamper_updates(round: int, how: str) -> None:
+    """Make this process's client send broken tensors in ``round``'s update.
+
+    It wraps ``Channel.send`` in this process only, standing for a buggy or hostile
+    client: everything else (its Trainer, its model) stays real and healthy.
+    """
+    from lightning_fed.channel import Channel
+
+    send = Channel.send
+
+    def broken(self: Channel, kind: str, body: Any = None, **kw: Any) -> int:
+        tensors = kw.get("tensors")
+        if kind == "update" and kw.get("round") == round and tensors is not None:
+            t = dict(tensors)
+            if how == "shape":
+                t["net.0.weight"] = torch.zeros(3, 3)
+            elif how == "dtype":
+                t["net.0.bias"] = t["net.0.bias"].double()
+            elif how == "keys":
+                t.pop("net.2.bias")
+                t["net.9.weight"] = torch.zeros(2)
+            elif how == "inf":
+                t["net.2.weight"] = t["net.2.weight"].clone().fill_(float("inf"))
+            kw["tensors"] = t
+        return send(self, kind, body, **kw)
+
+    Channel.send = broken  # type: ignore[method-assign]
+
+
 def run_party(
     root: str, node: str, role: str, strategy_kwargs: dict[str, Any], party: dict[str, Any]
 ) -> None:
@@ -99,9 +128,11 @@ def run_party(
     _logging(root, node)
     from lightning_fed import FedAvgStrategy
 
+    if "tamper" in party:
+        tamper_updates(*party["tamper"])
     L.seed_everything(party.get("seed", 0), verbose=False)
     strategy = FedAvgStrategy(
-        str(Path(root) / "channel"),
+        party.get("url", str(Path(root) / "channel")),
         "t",
         node,
         role,
@@ -136,13 +167,17 @@ def run_party(
 
 
 def run_plain(root: str, epochs: int, party: dict[str, Any]) -> None:
-    """Plain Lightning training (no federation), saving the final weights."""
+    """Plain Lightning training (no federation), saving the final weights.
+
+    ``epochs=-1`` with ``party["max_steps"]`` trains for a number of steps instead.
+    """
     warnings.filterwarnings("ignore")
     from safetensors.torch import save_file
 
     L.seed_everything(party.get("seed", 0), verbose=False)
     trainer = L.Trainer(
         max_epochs=epochs,
+        max_steps=party.get("max_steps", -1),
         default_root_dir=str(Path(root) / "plain"),
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -119,6 +119,31 @@ def test_end_to_end_clients_first_outputs_everywhere(fed: Any) -> None:
     assert (f.out("agg") / "final.ckpt").is_file()
 
 
+def test_end_to_end_over_s3(fed: Any, s3_endpoint: str) -> None:
+    """The same federation over a real S3 endpoint (moto server on 127.0.0.1)."""
+    import s3fs
+
+    from lightning_fed.testing import make_bucket, s3_storage_options
+
+    bucket = make_bucket(s3_endpoint)
+    url = f"s3://{bucket}/federation"
+    s3 = {**FAST, "storage_options": s3_storage_options(s3_endpoint)}
+    f = fed("c1", "c2")
+    for i, c in enumerate(f.clients):
+        f.start(c, "client", s3, {"data_seed": i + 1, "url": url})
+    f.start("agg", "aggregator", {**s3, "rounds": 2}, {"url": url})
+    assert f.wait() == {"c1": 0, "c2": 0, "agg": 0}, f.log("agg") + f.log("c1")
+    report = f.report()
+    assert [r["samples"] for r in report["rounds"]] == [{"c1": 64, "c2": 64}] * 2
+    final = _weights(f.out("agg") / "final.safetensors")
+    for c in f.clients:
+        theirs = _weights(f.out(c) / "final.safetensors")
+        assert all(torch.equal(final[k], theirs[k]) for k in final)
+    assert not (f.root / "channel").exists()  # everything went through the bucket
+    stored = s3fs.S3FileSystem(**s3_storage_options(s3_endpoint)).find(f"{bucket}/federation")
+    assert any("/t/inbox/" in k for k in stored) or any("/t/blobs/" in k for k in stored)
+
+
 def test_one_client_equals_plain_lightning(fed: Any, tmp_path: Path) -> None:
     """R rounds x 1 epoch with one client == plain Lightning for R epochs (same order)."""
     party = {"n": 50, "batch_size": 8, "lr": 0.05, "momentum": 0.9}
@@ -130,6 +155,31 @@ def test_one_client_equals_plain_lightning(fed: Any, tmp_path: Path) -> None:
     plain.join(240)
     assert f.wait() == {"c1": 0, "agg": 0}, f.log("c1") + f.log("agg")
     assert plain.exitcode == 0
+    expected = _weights(tmp_path / "plain.safetensors")
+    for node in ("c1", "agg"):
+        got = _weights(f.out(node) / "final.safetensors")
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_one_client_with_local_steps_equals_plain_lightning_max_steps(
+    fed: Any, tmp_path: Path
+) -> None:
+    """R rounds x S steps == plain Lightning for R*S steps, across epoch boundaries."""
+    party = {"n": 50, "batch_size": 8, "lr": 0.05, "momentum": 0.9}  # 7 batches per epoch
+    f = fed("c1")
+    f.start("c1", "client", FAST, party)
+    f.start("agg", "aggregator", {**FAST, "rounds": 4, "local_steps": 5})
+    plain = CTX.Process(
+        target=parties.run_plain, args=(str(tmp_path), -1, {**party, "max_steps": 20})
+    )
+    plain.start()
+    plain.join(240)
+    assert f.wait() == {"c1": 0, "agg": 0}, f.log("c1") + f.log("agg")
+    assert plain.exitcode == 0
+    # 20 batches: two whole epochs (50 samples each) and 6 batches of 8.
+    samples = [r["samples"]["c1"] for r in f.report()["rounds"]]
+    assert samples == [40, 34, 34, 40] and sum(samples) == 2 * 50 + 6 * 8
     expected = _weights(tmp_path / "plain.safetensors")
     for node in ("c1", "agg"):
         got = _weights(f.out(node) / "final.safetensors")
@@ -207,6 +257,33 @@ def test_nan_weights_rejected_round_goes_on(fed: Any) -> None:
     assert "rejected the update of c2" in f.log("agg")
     final = _weights(f.out("agg") / "final.safetensors")
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_wrong_keys_shapes_dtypes_and_inf_rejected_naming_the_sender(fed: Any) -> None:
+    """Four clients send broken tensors in round 2; the round goes on with the good one."""
+    broken = {"c2": "shape", "c3": "dtype", "c4": "keys", "c5": "inf"}
+    f = fed("c1", *broken)
+    f.start("c1", "client", FAST)
+    for node, how in broken.items():
+        f.start(node, "client", FAST, {"tamper": (2, how)})
+    f.start("agg", "aggregator", {**FAST, "rounds": 3, "min_clients": 1})
+    assert f.wait() == {"c1": 0, **dict.fromkeys(broken, 0), "agg": 0}, f.log("agg")
+    rounds = {r["round"]: r for r in f.report()["rounds"]}
+    assert sorted(rounds[1]["samples"]) == ["c1", *broken]
+    assert list(rounds[2]["samples"]) == ["c1"]  # averaged alone
+    rejected = rounds[2]["rejected"]
+    assert sorted(rejected) == sorted(broken)
+    assert "net.0.weight: shape (3, 3), expected (8, 6)" in rejected["c2"]
+    assert "net.0.bias: dtype torch.float64, expected torch.float32" in rejected["c3"]
+    assert "missing tensors 'net.2.bias'" in rejected["c4"]
+    assert "unexpected tensors 'net.9.weight'" in rejected["c4"]
+    assert "net.2.weight: contains NaN or Inf" in rejected["c5"]
+    assert sorted(rounds[3]["samples"]) == ["c1", *broken]  # they take part again
+    log = f.log("agg")
+    for node in broken:
+        assert f"rejected the update of {node} (round 2): bad weights" in log
+    final = _weights(f.out("agg") / "final.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in final.values())
 
 
 def test_aggregator_killed_in_round_3_resumes_with_recovery(fed: Any) -> None:

@@ -127,6 +127,10 @@ CASES = [
     (RoundStart, replaced(good_body(RoundStart), local_epochs=0), "local_epochs"),
     (RoundStart, replaced(good_body(RoundStart), local_epochs=-2), "local_epochs"),
     (RoundStart, replaced(good_body(RoundStart), local_epochs=1.0), "local_epochs"),
+    (RoundStart, replaced(good_body(RoundStart), local_steps=0), "local_steps"),
+    (RoundStart, replaced(good_body(RoundStart), local_steps=True), "local_steps"),
+    (RoundStart, replaced(good_body(RoundStart), local_steps=2.0), "local_steps"),
+    (RoundStart, replaced(good_body(RoundStart), local_steps="5"), "local_steps"),
     (RoundStart, replaced(good_body(RoundStart), instances=["c1"]), "instances"),
     (RoundStart, replaced(good_body(RoundStart), instances={"c1": 1}), "instances"),
     (Update, without(good_body(Update), "attempt"), "attempt"),
@@ -193,6 +197,8 @@ def test_config_defaults_are_valid():
         {"local_keys": ("*num_batches_tracked",)},
         {"seed": -3},
         {"aggregator": "agg-1"},
+        {"local_steps": 7},
+        {"local_epochs": 3},
         {"recovery": True, "state_dir": "/tmp/x", "output_dir": "out"},
     ],
 )
@@ -209,6 +215,9 @@ def test_config_accepts_good_values(kwargs):
         ({"rounds": 2.0}, "rounds"),
         ({"clients": 0}, "clients must be an int >= 1"),
         ({"local_epochs": 0}, "local_epochs"),
+        ({"local_steps": 0}, "local_steps must be an int >= 1"),
+        ({"local_steps": 2.5}, "local_steps"),
+        ({"local_epochs": 1, "local_steps": 5}, "give local_epochs .* or local_steps .*not both"),
         ({"min_clients": 0}, "min_clients"),
         ({"log_rounds": 0}, "log_rounds"),
         ({"clients": 3, "min_clients": 4}, "min_clients=4 exceeds clients=3"),
@@ -281,3 +290,18 @@ def test_resolve_role(role, is_initiator, want):
 def test_resolve_role_rejects(role, is_initiator, match):
     with pytest.raises(ValueError, match=match):
         resolve_role(role, is_initiator)
+
+
+def test_round_start_carries_local_steps_or_none():
+    body = body_of(RoundStart("a", 1, {"c1": "i1"}, 25))
+    assert RoundStart.parse(body, "agg").local_steps == 25
+    assert RoundStart.parse(good_body(RoundStart), "agg").local_steps is None  # epochs mode
+    assert (
+        RoundStart.parse({**good_body(RoundStart), "local_steps": None}, "agg").local_steps is None
+    )
+
+
+def test_config_counts_one_epoch_per_round_by_default():
+    assert FedAvgConfig(role="aggregator").epochs_per_round == 1
+    assert FedAvgConfig(role="aggregator", local_epochs=3).epochs_per_round == 3
+    assert FedAvgConfig(role="aggregator", local_steps=9).local_steps == 9
