@@ -208,7 +208,8 @@ def big_model(work: Path, clients: int, mb: int) -> None:
     over = _overhead(report)
     print(
         f"overhead per round, {size / 2**20:.0f} MB model, {clients} clients on file://: median "
-        f"{statistics.median(over):.2f} s, max {max(over):.2f} s (target <= 2 s)"
+        f"{statistics.median(over):.2f} s, max {max(over):.2f} s (target <= 2 s); per round: "
+        + ", ".join(f"{o:.2f}" for o in over)
     )
     print(
         f"aggregator peak RSS, {clients} clients, {size / 2**20:.0f} MB model: "

@@ -176,6 +176,9 @@ class AggregatorRole:
         )
         self.channel.send(P.ROUND, P.body_of(body), to=chosen, round=round, tensors=global_state)
         log.info("aggregator: round %d started with %s", round, ", ".join(chosen))
+        idle = sorted(set(self.clients) - set(chosen))
+        if idle:  # so that clients left out of many rounds in a row do not time out
+            self.channel.send(P.STANDBY, {}, to=idle, round=round)
 
         mean = WeightedMean()
         waiting = set(chosen)

@@ -129,11 +129,12 @@ class ClientRole:
         Raises:
             FederationAbortedError: the aggregator aborted the federation.
             SupersededError: a newer process of this node id took over.
-            FedAvgError: nothing came within ``calculation_timeout + schedule_timeout``.
+            FedAvgError: nothing came within ``calculation_timeout + schedule_timeout``
+                (a ``standby``, sent to clients left out of a round, starts it again).
         """
         if self.aggregator is None:
             raise FedAvgError("check_in() first: the aggregator is not known yet")
-        kinds = [*P.INSTRUCTIONS, P.CHECKIN, P.CHECKIN_ACK]
+        kinds = [*P.INSTRUCTIONS, P.STANDBY, P.CHECKIN, P.CHECKIN_ACK]
         deadline = time.monotonic() + self.instruction_timeout
         last = -1 if self.current is None else self.current.round
         while (left := deadline - time.monotonic()) > 0:
@@ -153,6 +154,15 @@ class ClientRole:
                     self.aggregator,
                 )
                 self.channel.ack(msg)
+                continue
+            if msg.kind == P.STANDBY:
+                self.channel.ack(msg)
+                log.info(
+                    "client %s: not picked for round %d; waiting for the next",
+                    self.channel.node_id,
+                    msg.round,
+                )
+                deadline = time.monotonic() + self.instruction_timeout  # the aggregator lives
                 continue
             instruction = self._instruction(msg, last)
             if instruction is not None:

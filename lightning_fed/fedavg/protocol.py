@@ -4,7 +4,9 @@ Sequence (see docs/fedavg.md for the diagram)::
 
     client      -> every peer   checkin       {instance}                      (repeated until acked)
     aggregator  -> client       checkin-ack   {instance, rounds, ...}
-    aggregator  -> sampled      round         {attempt, instances, local_epochs}  + global weights
+    aggregator  -> sampled      round         {attempt, instances, local_epochs, local_steps}
+                                                                                + global weights
+    aggregator  -> the others   standby       {}     (not picked this round; keep waiting)
     client      -> aggregator   update        {attempt, instance, num_samples, metrics} + weights
     aggregator  -> every client finish        {report, instances}   + final weights
     aggregator  -> every client abort         {reason}              (the federation failed)
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 CHECKIN = "checkin"
 CHECKIN_ACK = "checkin-ack"
 ROUND = "round"
+STANDBY = "standby"
 UPDATE = "update"
 FINISH = "finish"
 ABORT = "abort"

@@ -232,6 +232,33 @@ def test_client_killed_mid_round_and_late_upload_rejected(fed: Any) -> None:
     assert "belongs to round 1" in log
 
 
+def test_partial_participation_follows_the_seeded_draw_and_idle_clients_wait(
+    fed: Any,
+) -> None:
+    """One of 3 clients per round; c2 is never drawn (seed 1) yet stays to the finish.
+
+    Each round takes over 3 s, so the 6 rounds outlast a client's wait for one
+    instruction (calculation_timeout + schedule_timeout = 16 s): c2 gets through only
+    because the aggregator tells the clients it left out of a round to keep waiting.
+    """
+    from lightning_fed.fedavg.selection import sample_clients
+
+    f = fed("c1", "c2", "c3")
+    draw = [sample_clients(f.clients, 1, seed=1, round=r) for r in range(1, 7)]
+    assert all(["c2"] != d for d in draw)
+    timeouts = {"calculation_timeout": 4, "schedule_timeout": 12}
+    f.start("agg", "aggregator", {**timeouts, "rounds": 6, "clients_per_round": 1, "seed": 1})
+    f.wait_for_log("agg", "waiting for 3 client(s)")
+    for c in f.clients:
+        f.start(c, "client", timeouts, {"opts": {"slow_every_round": 3.0}})
+    assert f.wait() == {"agg": 0, "c1": 0, "c2": 0, "c3": 0}, f.log("agg") + f.log("c2")
+    report = f.report()
+    assert [sorted(r["samples"]) for r in report["rounds"]] == draw
+    assert report["clients"] == ["c1", "c2", "c3"]
+    assert "c2: not picked for round 6" in f.log("c2")
+    assert (f.out("c2") / "final.safetensors").is_file()
+
+
 def test_too_few_updates_fail_the_round_and_abort_clients(fed: Any) -> None:
     f = fed("c1", "c2")
     f.start("c1", "client", FAST)
