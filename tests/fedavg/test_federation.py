@@ -245,7 +245,7 @@ def test_partial_participation_follows_the_seeded_draw_and_idle_clients_wait(
 
     f = fed("c1", "c2", "c3")
     draw = [sample_clients(f.clients, 1, seed=1, round=r) for r in range(1, 7)]
-    assert all(["c2"] != d for d in draw)
+    assert all(d != ["c2"] for d in draw)
     timeouts = {"calculation_timeout": 4, "schedule_timeout": 12}
     f.start("agg", "aggregator", {**timeouts, "rounds": 6, "clients_per_round": 1, "seed": 1})
     f.wait_for_log("agg", "waiting for 3 client(s)")
