@@ -2,7 +2,8 @@
 
 ``python -m lightning_fed.party --config aggregator.yaml [--trainer.xxx=...]`` builds
 the model, datamodule and Trainer (whose ``strategy`` is a ``FedAvgStrategy``) from
-the config, runs ``fit``, and on the aggregator then ``test`` on its holdout data.
+the config, runs ``fit``, and on the aggregator then ``test`` on its holdout data,
+whose metrics it sends to the clients; a client waits for them after its ``fit``.
 This is what ``lightning-fed simulate`` starts for every party; in a real deployment
 each organisation runs it with its own config (channel on S3, its own node id).
 """
@@ -58,8 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        if strategy.role == "aggregator" and cli.trainer.state.status.value == "finished":
+        finished = cli.trainer.state.status.value == "finished"
+        if strategy.role == "aggregator" and finished:
             cli.trainer.test(cli.model, datamodule=cli.datamodule)
+        elif finished and strategy.final_report is not None:
+            report = strategy.receive_test_report()
+            if report is not None:
+                metrics = report.get("test_metrics", {})
+                shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+                print(f"client {strategy.node_id}: the global model's test: {shown}", flush=True)
     except (FedAvgError, ChannelError) as exc:
         print(f"lightning-fed party {strategy.node_id}: error: {exc}", file=sys.stderr)
         return 1

@@ -99,8 +99,12 @@ def test_simulate_runs_a_federation_and_says_where_the_outputs_are(tmp_path: Pat
     report = json.loads((outputs / "report.json").read_text())
     assert report["rounds_completed"] == 2
     assert report["clients"] == ["client-1", "client-2"]
-    for client in ("client-1", "client-2"):  # the final model reached every client
-        assert (workdir / client / "fedavg" / "sim" / client / "final.safetensors").is_file()
+    for client in ("client-1", "client-2"):  # the final model and test reached every client
+        theirs = workdir / client / "fedavg" / "sim" / client
+        assert (theirs / "final.safetensors").is_file()
+        their_report = json.loads((theirs / "report.json").read_text())
+        assert their_report["test_metrics"] == report["test_metrics"]
+        assert f"client {client}: the global model's test: test_acc=" in out
 
 
 def test_a_failing_aggregator_stops_the_clients_and_the_exit_code_says_so(

@@ -279,6 +279,11 @@ class AggregatorRole:
             body = {"report": report, "instances": dict(self.clients)}
             self.channel.send(P.FINISH, body, to=sorted(self.clients), tensors=final_state)
 
+    def publish_report(self, clients: list[str], report: dict[str, Any]) -> None:
+        """Send the report with the final test's metrics to ``clients``."""
+        if clients:
+            self.channel.send(P.REPORT, {"report": report}, to=sorted(clients))
+
     def abort(self, reason: str) -> None:
         """Tell every client the federation failed, so none waits for its timeout."""
         if self.clients:

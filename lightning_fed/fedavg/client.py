@@ -247,6 +247,23 @@ class ClientRole:
             self.channel.ack(msg)
             self._unacked = None
 
+    def receive_report(self, timeout: float) -> dict[str, Any] | None:
+        """Wait up to ``timeout`` seconds for the aggregator's report of its final test.
+
+        Returns None when none came in time (the aggregator did not test, or is slow).
+        """
+        if self.aggregator is None:
+            raise FedAvgError("check_in() first: the aggregator is not known yet")
+        try:
+            msg = self.channel.receive(P.REPORT, sender=self.aggregator, timeout=timeout)
+        except ChannelTimeoutError:
+            return None
+        report = msg.body.get("report")
+        if not isinstance(report, dict):
+            log.warning("client %s: ignored a malformed report", self.channel.node_id)
+            return None
+        return report
+
     def upload(
         self,
         tensors: Mapping[str, torch.Tensor],

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_fed.channel import Channel
@@ -204,6 +205,8 @@ class AggregatorHooks(_RoleHooks):
         report = self.report(trainer)
         save_report(report, out / "report.json")
         compact = {k: v for k, v in report.items() if k != "rounds"}
+        # Clients that ask for the final test's metrics wait for them only if one may come.
+        compact["test_expected"] = is_overridden("test_step", pl_module)
         self.role.finish(federated_state(pl_module, self.names), compact)
         log.info("aggregator: final model and report in %s", out)
 
@@ -262,6 +265,8 @@ class ClientHooks(_RoleHooks):
         out = self.output_dir
         save_weights(pl_module.state_dict(), out / "final.safetensors")
         save_report(instruction.report, out / "report.json")
+        self.strategy.final_report = dict(instruction.report)
+        self.strategy._aggregator_id = self.role.aggregator
         log.info("client %s: federation finished; final model in %s", self.channel.node_id, out)
 
     @override

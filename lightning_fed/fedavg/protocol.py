@@ -10,6 +10,7 @@ Sequence (see docs/fedavg.md for the diagram)::
     client      -> aggregator   update        {attempt, instance, num_samples, metrics} + weights
     aggregator  -> every client finish        {report, instances}   + final weights
     aggregator  -> every client abort         {reason}              (the federation failed)
+    aggregator  -> every client report        {report}   (after its final test, with test_metrics)
 
 Bodies come from peers, so every field is checked before use; a malformed body is a
 :class:`ProtocolError` naming the sender and the field.
@@ -28,6 +29,7 @@ ROUND = "round"
 STANDBY = "standby"
 UPDATE = "update"
 FINISH = "finish"
+REPORT = "report"
 ABORT = "abort"
 
 #: The largest sample count an update may claim (exact in float64).

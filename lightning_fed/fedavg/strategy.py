@@ -25,6 +25,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_fed.channel import Channel, NodeIdentity, TaskConfig
+from lightning_fed.fedavg.aggregator import AggregatorRole
+from lightning_fed.fedavg.client import ClientRole
 from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.hooks import AggregatorHooks, ClientHooks
@@ -183,6 +185,9 @@ class FedAvgStrategy(SingleDeviceStrategy):
         self.storage_options = dict(storage_options or {})
         self.max_model_bytes = max_model_bytes
         self._channel: Channel | None = None
+        self._aggregator_id: str | None = None
+        #: The federation's report once ``fit`` ended (a client's comes with the finish).
+        self.final_report: dict[str, Any] | None = None
         self._hooks: AggregatorHooks | ClientHooks | None = None
         self._trainer: pl.Trainer | None = None
 
@@ -329,6 +334,66 @@ class FedAvgStrategy(SingleDeviceStrategy):
             report = json.loads(path.read_text())
             report["test_metrics"] = scalar_metrics(trainer.callback_metrics)
             save_report(report, path)
+            self.final_report = report
+            self._publish_test_report(trainer, report)
+
+    def _publish_test_report(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
+        compact = {k: v for k, v in report.items() if k != "rounds"}
+        try:
+            channel = self._open_channel(trainer)
+            AggregatorRole(channel, self.config).publish_report(report.get("clients", []), compact)
+        except Exception as exc:  # the test itself succeeded; say so, do not fail it
+            log.warning("aggregator: could not send the test metrics to the clients: %s", exc)
+        else:
+            log.info("aggregator: test metrics sent to the clients")
+
+    def receive_test_report(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """Client, after ``fit``: wait for the aggregator's final test metrics.
+
+        The aggregator sends them when its ``trainer.test`` ends (``lightning_fed.party``
+        always tests after a federation). They are added to this client's
+        ``report.json`` as ``test_metrics``.
+
+        Args:
+            timeout: seconds to wait (default ``schedule_timeout``).
+
+        Returns:
+            The report with ``test_metrics``, or None when the aggregator's model has
+            no ``test_step`` or no metrics came in time.
+
+        Raises:
+            FedAvgError: on the aggregator, or before this client's federation finished.
+        """
+        trainer = self._trainer_after_fit()
+        if self.role != "client" or self.final_report is None or self._aggregator_id is None:
+            raise FedAvgError(
+                "receive_test_report() is for a client whose fit ended with the federation's "
+                "finish; hint: call it after trainer.fit(...) returned on a client"
+            )
+        if not self.final_report.get("test_expected", False):
+            return None
+        wait = self.config.schedule_timeout if timeout is None else timeout
+        channel = self._open_channel(trainer)
+        try:
+            role = ClientRole(channel, self.config)
+            role.aggregator = self._aggregator_id
+            report = role.receive_report(wait)
+        finally:
+            channel.close()
+            self._channel = None
+        if report is None:
+            log.info("client %s: no test metrics from the aggregator in %g s", self.node_id, wait)
+            return None
+        save_report(report, self.output_dir(trainer) / "report.json")
+        self.final_report = report
+        return report
+
+    def _trainer_after_fit(self) -> pl.Trainer:
+        module = self.lightning_module
+        trainer = None if module is None else module._trainer
+        if trainer is None:
+            raise FedAvgError("this strategy has not run a fit yet; hint: trainer.fit(...) first")
+        return trainer
 
     @override
     def teardown(self) -> None:

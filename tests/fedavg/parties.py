@@ -161,6 +161,8 @@ def run_party(
             trainer.test(model, dataloaders=holdout, verbose=False)
         else:
             trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch, shuffle=False))
+            if party.get("wait_test_report") and strategy.final_report is not None:
+                strategy.receive_test_report(timeout=60)
     except Exception as exc:
         logging.getLogger("party").error("FAILED %s: %s", type(exc).__name__, exc)
         sys.exit(1)

@@ -102,7 +102,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_end_to_end_clients_first_outputs_everywhere(fed: Any) -> None:
     f = fed("c1", "c2")
     for i, c in enumerate(f.clients):  # clients start before the aggregator and retry
-        f.start(c, "client", FAST, {"data_seed": i + 1})
+        f.start(c, "client", FAST, {"data_seed": i + 1, "wait_test_report": True})
     time.sleep(3)
     f.start("agg", "aggregator", {**FAST, "rounds": 3})
     assert f.wait() == {"c1": 0, "c2": 0, "agg": 0}, f.log("agg")
@@ -115,7 +115,9 @@ def test_end_to_end_clients_first_outputs_everywhere(fed: Any) -> None:
     for c in f.clients:  # every client holds the same final global model
         theirs = _weights(f.out(c) / "final.safetensors")
         assert all(torch.equal(final[k], theirs[k]) for k in final)
-        assert json.loads((f.out(c) / "report.json").read_text())["rounds_completed"] == 3
+        theirs_report = json.loads((f.out(c) / "report.json").read_text())
+        assert theirs_report["rounds_completed"] == 3
+        assert theirs_report["test_metrics"] == report["test_metrics"]  # the final test too
     assert (f.out("agg") / "final.ckpt").is_file()
 
 
