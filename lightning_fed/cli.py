@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--threads",
         type=int,
-        help="PyTorch CPU threads per party (default: cores // parties, at least 1)",
+        help="PyTorch CPU threads per party (default: OMP_NUM_THREADS if set, else "
+        "cores // parties, at least 1)",
     )
     sim.add_argument(
         "--aggregator-arg",

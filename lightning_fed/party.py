@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif finished and strategy.final_report is not None:
             report = strategy.receive_test_report()
             if report is not None:
-                metrics = report.get("test_metrics", {})
+                metrics = report["test_metrics"]
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
                 print(f"client {strategy.node_id}: the global model's test: {shown}", flush=True)
     except (FedAvgError, ChannelError) as exc:

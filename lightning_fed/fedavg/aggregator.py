@@ -178,7 +178,8 @@ class AggregatorRole:
         log.info("aggregator: round %d started with %s", round, ", ".join(chosen))
         idle = sorted(set(self.clients) - set(chosen))
         if idle:  # so that clients left out of many rounds in a row do not time out
-            self.channel.send(P.STANDBY, {}, to=idle, round=round)
+            standby = P.Standby({c: self.clients[c] for c in idle})
+            self.channel.send(P.STANDBY, P.body_of(standby), to=idle, round=round)
 
         mean = WeightedMean()
         waiting = set(chosen)
@@ -279,10 +280,11 @@ class AggregatorRole:
             body = {"report": report, "instances": dict(self.clients)}
             self.channel.send(P.FINISH, body, to=sorted(self.clients), tensors=final_state)
 
-    def publish_report(self, clients: list[str], report: dict[str, Any]) -> None:
-        """Send the report with the final test's metrics to ``clients``."""
-        if clients:
-            self.channel.send(P.REPORT, {"report": report}, to=sorted(clients))
+    def publish_report(self, report: dict[str, Any]) -> None:
+        """Send the report with the final test's metrics to every checked-in client."""
+        if self.clients:
+            body = P.body_of(P.Report(report, dict(self.clients)))
+            self.channel.send(P.REPORT, body, to=sorted(self.clients))
 
     def abort(self, reason: str) -> None:
         """Tell every client the federation failed, so none waits for its timeout."""

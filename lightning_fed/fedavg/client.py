@@ -156,7 +156,8 @@ class ClientRole:
                 self.channel.ack(msg)
                 continue
             if msg.kind == P.STANDBY:
-                self.channel.ack(msg)
+                if not self._standby_for_me(msg):
+                    continue
                 log.info(
                     "client %s: not picked for round %d; waiting for the next",
                     self.channel.node_id,
@@ -173,6 +174,18 @@ class ClientRole:
             f"{self.aggregator!r} within {self.instruction_timeout:g} s (calculation_timeout + "
             "schedule_timeout); hint: check that the aggregator still runs"
         )
+
+    def _standby_for_me(self, msg: Message) -> bool:
+        try:
+            standby = P.Standby.parse(msg.body, msg.sender)
+        except P.ProtocolError as exc:
+            log.warning("client %s: ignored a malformed standby: %s", self.channel.node_id, exc)
+            self.channel.ack(msg)
+            return False
+        if not self._mine(msg, standby.instances):
+            return False  # an older process's; left stored like its other instructions
+        self.channel.ack(msg)
+        return True
 
     def _instruction(self, msg: Message, last: int) -> Instruction | None:
         if msg.kind == P.ABORT:
@@ -247,22 +260,32 @@ class ClientRole:
             self.channel.ack(msg)
             self._unacked = None
 
-    def receive_report(self, timeout: float) -> dict[str, Any] | None:
+    def receive_report(self, timeout: float) -> P.Report | None:
         """Wait up to ``timeout`` seconds for the aggregator's report of its final test.
 
-        Returns None when none came in time (the aggregator did not test, or is slow).
+        Only a report naming this process (``instance``) counts: one left over from an
+        earlier federation of the task, or a malformed one, is dropped with a log line.
+
+        Returns:
+            The report, or None when none came in time (the aggregator did not test).
         """
         if self.aggregator is None:
             raise FedAvgError("check_in() first: the aggregator is not known yet")
-        try:
-            msg = self.channel.receive(P.REPORT, sender=self.aggregator, timeout=timeout)
-        except ChannelTimeoutError:
-            return None
-        report = msg.body.get("report")
-        if not isinstance(report, dict):
-            log.warning("client %s: ignored a malformed report", self.channel.node_id)
-            return None
-        return report
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.channel.receive(P.REPORT, sender=self.aggregator, timeout=left)
+            except ChannelTimeoutError:
+                break
+            try:
+                report = P.Report.parse(msg.body, msg.sender)
+            except P.ProtocolError as exc:
+                log.warning("client %s: ignored a malformed report: %s", self.channel.node_id, exc)
+                continue
+            if report.instances.get(self.channel.node_id) == self.instance:
+                return report
+            log.info("client %s: dropped a report of an earlier federation", self.channel.node_id)
+        return None
 
     def upload(
         self,

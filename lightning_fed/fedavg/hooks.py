@@ -203,11 +203,13 @@ class AggregatorHooks(_RoleHooks):
         save_weights(pl_module.state_dict(), out / "final.safetensors")
         trainer.save_checkpoint(out / "final.ckpt")
         report = self.report(trainer)
+        # Clients that ask for the final test's metrics wait for them only if one may come.
+        report["test_expected"] = is_overridden("test_step", pl_module)
         save_report(report, out / "report.json")
         compact = {k: v for k, v in report.items() if k != "rounds"}
-        # Clients that ask for the final test's metrics wait for them only if one may come.
-        compact["test_expected"] = is_overridden("test_step", pl_module)
         self.role.finish(federated_state(pl_module, self.names), compact)
+        self.strategy.final_report = report
+        self.strategy._test_report_due = dict(self.role.clients)
         log.info("aggregator: final model and report in %s", out)
 
     @override
@@ -234,6 +236,7 @@ class ClientHooks(_RoleHooks):
         self.role = ClientRole(channel, self.config)
         self.epochs_left = 0
         self.steps_until: int | None = None  # the global_step that ends a steps round
+        self.round_due = False  # steps mode: the round ends at this epoch's end
         self.finished = False
         self.seen = 0
         self.fit_started = time.monotonic()
@@ -266,7 +269,8 @@ class ClientHooks(_RoleHooks):
         save_weights(pl_module.state_dict(), out / "final.safetensors")
         save_report(instruction.report, out / "report.json")
         self.strategy.final_report = dict(instruction.report)
-        self.strategy._aggregator_id = self.role.aggregator
+        assert self.role.aggregator is not None
+        self.strategy._finished_as = (self.role.aggregator, self.role.instance)
         log.info("client %s: federation finished; final model in %s", self.channel.node_id, out)
 
     @override
@@ -293,11 +297,21 @@ class ClientHooks(_RoleHooks):
                 self._counted_batches = True
             self.seen += 1
         if self.steps_until is not None and trainer.global_step >= self.steps_until:
-            self._end_round(trainer, pl_module)
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                # The epoch's validation and epoch-level metrics come after this hook:
+                # end the round in on_train_epoch_end, with them, on this round's model.
+                self.round_due = True
+            else:
+                self._end_round(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.finished or self.steps_until is not None:
+        if self.finished:
+            return
+        if self.steps_until is not None:
+            if self.round_due:
+                self.round_due = False
+                self._end_round(trainer, pl_module)
             return
         self.epochs_left -= 1
         if self.epochs_left <= 0:

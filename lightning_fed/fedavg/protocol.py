@@ -109,9 +109,7 @@ class RoundStart:
     @classmethod
     def parse(cls, body: Mapping[str, Any], sender: str) -> RoundStart:
         what = f"round from {sender!r}"
-        instances = _field(body, "instances", dict, what)
-        if not all(isinstance(v, str) for v in instances.values()):
-            raise ProtocolError(f"{what}: field 'instances' must map node ids to strings")
+        instances = _instances(body, what)
         epochs = _field(body, "local_epochs", int, what)
         if epochs < 1:
             raise ProtocolError(f"{what}: local_epochs must be >= 1, got {epochs}")
@@ -121,6 +119,45 @@ class RoundStart:
         ):
             raise ProtocolError(f"{what}: local_steps must be null or an int >= 1, got {steps!r}")
         return cls(_field(body, "attempt", str, what), epochs, dict(instances), steps)
+
+
+def _instances(body: Mapping[str, Any], what: str) -> dict[str, str]:
+    instances = _field(body, "instances", dict, what)
+    if not all(isinstance(v, str) for v in instances.values()):
+        raise ProtocolError(f"{what}: field 'instances' must map node ids to strings")
+    return dict(instances)
+
+
+@dataclass(frozen=True)
+class Standby:
+    """A round's notice to the clients left out of it: keep waiting."""
+
+    instances: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], sender: str) -> Standby:
+        return cls(_instances(body, f"standby from {sender!r}"))
+
+
+@dataclass(frozen=True)
+class Report:
+    """The aggregator's report after its final test, for the processes that finished."""
+
+    report: dict[str, Any]
+    instances: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def test_metrics(self) -> dict[str, float]:
+        return dict(self.report["test_metrics"])
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], sender: str) -> Report:
+        what = f"report from {sender!r}"
+        report = dict(_field(body, "report", dict, what))
+        report["test_metrics"] = _metrics(
+            {"metrics": report.get("test_metrics")}, f"{what}: test_metrics"
+        )
+        return cls(report, _instances(body, what))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ stopping and loggers work as usual, with the round as the step.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -185,9 +184,12 @@ class FedAvgStrategy(SingleDeviceStrategy):
         self.storage_options = dict(storage_options or {})
         self.max_model_bytes = max_model_bytes
         self._channel: Channel | None = None
-        self._aggregator_id: str | None = None
-        #: The federation's report once ``fit`` ended (a client's comes with the finish).
+        #: The federation's report once ``fit`` ended: on the aggregator the whole report
+        #: (with ``test_metrics`` after ``test``), on a client the summary that came with
+        #: the finish (with ``test_metrics`` after :meth:`receive_test_report`).
         self.final_report: dict[str, Any] | None = None
+        self._finished_as: tuple[str, str] | None = None  # client: (aggregator, instance)
+        self._test_report_due: dict[str, str] | None = None  # aggregator: client instances
         self._hooks: AggregatorHooks | ClientHooks | None = None
         self._trainer: pl.Trainer | None = None
 
@@ -329,19 +331,16 @@ class FedAvgStrategy(SingleDeviceStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or self.role != "aggregator":
             return
-        path = self.output_dir(trainer) / "report.json"
-        if path.is_file():  # after a federation: add the final test to its report
-            report = json.loads(path.read_text())
-            report["test_metrics"] = scalar_metrics(trainer.callback_metrics)
-            save_report(report, path)
-            self.final_report = report
-            self._publish_test_report(trainer, report)
-
-    def _publish_test_report(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
+        clients, report = self._test_report_due, self.final_report
+        if clients is None or report is None:
+            return  # not the test right after this process's federation
+        self._test_report_due = None
+        report["test_metrics"] = scalar_metrics(trainer.callback_metrics)
+        save_report(report, self.output_dir(trainer) / "report.json")
         compact = {k: v for k, v in report.items() if k != "rounds"}
         try:
             channel = self._open_channel(trainer)
-            AggregatorRole(channel, self.config).publish_report(report.get("clients", []), compact)
+            AggregatorRole(channel, self.config, clients).publish_report(compact)
         except Exception as exc:  # the test itself succeeded; say so, do not fail it
             log.warning("aggregator: could not send the test metrics to the clients: %s", exc)
         else:
@@ -365,25 +364,29 @@ class FedAvgStrategy(SingleDeviceStrategy):
             FedAvgError: on the aggregator, or before this client's federation finished.
         """
         trainer = self._trainer_after_fit()
-        if self.role != "client" or self.final_report is None or self._aggregator_id is None:
+        finished, known = self._finished_as, self.final_report
+        if self.role != "client" or finished is None or known is None:
             raise FedAvgError(
                 "receive_test_report() is for a client whose fit ended with the federation's "
                 "finish; hint: call it after trainer.fit(...) returned on a client"
             )
-        if not self.final_report.get("test_expected", False):
+        if "test_metrics" in known:
+            return known  # received already
+        if not known.get("test_expected", False):
             return None
         wait = self.config.schedule_timeout if timeout is None else timeout
         channel = self._open_channel(trainer)
         try:
             role = ClientRole(channel, self.config)
-            role.aggregator = self._aggregator_id
-            report = role.receive_report(wait)
+            role.aggregator, role.instance = finished
+            got = role.receive_report(wait)
         finally:
             channel.close()
             self._channel = None
-        if report is None:
+        if got is None:
             log.info("client %s: no test metrics from the aggregator in %g s", self.node_id, wait)
             return None
+        report = {**known, "test_metrics": got.test_metrics}
         save_report(report, self.output_dir(trainer) / "report.json")
         self.final_report = report
         return report

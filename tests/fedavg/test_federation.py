@@ -167,21 +167,29 @@ def test_one_client_equals_plain_lightning(fed: Any, tmp_path: Path) -> None:
 def test_one_client_with_local_steps_equals_plain_lightning_max_steps(
     fed: Any, tmp_path: Path
 ) -> None:
-    """R rounds x S steps == plain Lightning for R*S steps, across epoch boundaries."""
+    """R rounds x S steps == plain Lightning for R*S steps, across epoch boundaries.
+
+    7 rounds of 5 steps on 7 batches per epoch: rounds end mid-epoch, except the last,
+    which ends with epoch 5.
+    """
     party = {"n": 50, "batch_size": 8, "lr": 0.05, "momentum": 0.9}  # 7 batches per epoch
     f = fed("c1")
     f.start("c1", "client", FAST, party)
-    f.start("agg", "aggregator", {**FAST, "rounds": 4, "local_steps": 5})
+    f.start("agg", "aggregator", {**FAST, "rounds": 7, "local_steps": 5})
     plain = CTX.Process(
-        target=parties.run_plain, args=(str(tmp_path), -1, {**party, "max_steps": 20})
+        target=parties.run_plain, args=(str(tmp_path), -1, {**party, "max_steps": 35})
     )
     plain.start()
     plain.join(240)
     assert f.wait() == {"c1": 0, "agg": 0}, f.log("c1") + f.log("agg")
     assert plain.exitcode == 0
-    # 20 batches: two whole epochs (50 samples each) and 6 batches of 8.
-    samples = [r["samples"]["c1"] for r in f.report()["rounds"]]
-    assert samples == [40, 34, 34, 40] and sum(samples) == 2 * 50 + 6 * 8
+    rounds = f.report()["rounds"]
+    batches = [8, 8, 8, 8, 8, 8, 2] * 5
+    assert [r["samples"]["c1"] for r in rounds] == [
+        sum(batches[i : i + 5]) for i in range(0, 35, 5)
+    ]
+    assert "train_loss" not in rounds[0]["client_metrics"]["c1"]  # no epoch had ended yet
+    assert "train_loss" in rounds[6]["client_metrics"]["c1"]  # epoch 5's, ended with round 7
     expected = _weights(tmp_path / "plain.safetensors")
     for node in ("c1", "agg"):
         got = _weights(f.out(node) / "final.safetensors")

@@ -305,3 +305,45 @@ def test_config_counts_one_epoch_per_round_by_default():
     assert FedAvgConfig(role="aggregator").epochs_per_round == 1
     assert FedAvgConfig(role="aggregator", local_epochs=3).epochs_per_round == 3
     assert FedAvgConfig(role="aggregator", local_steps=9).local_steps == 9
+
+
+def test_standby_and_report_parse_and_reject_malformed_bodies():
+    assert P.Standby.parse({"instances": {"c1": "i1"}}, "agg").instances == {"c1": "i1"}
+    with pytest.raises(P.ProtocolError, match="instances"):
+        P.Standby.parse({}, "agg")
+    good = {"report": {"test_metrics": {"test_acc": 0.9}, "clients": ["c1"]}, "instances": {}}
+    parsed = P.Report.parse(good, "agg")
+    assert parsed.test_metrics == {"test_acc": 0.9} and parsed.report["clients"] == ["c1"]
+    for bad, words in (
+        ({"instances": {}}, "report"),
+        ({"report": {}, "instances": {}}, "test_metrics"),
+        ({"report": {"test_metrics": {"acc": "high"}}, "instances": {}}, "must be a number"),
+        ({"report": {"test_metrics": []}, "instances": {}}, "must be an object"),
+        ({"report": {"test_metrics": {}}, "instances": {"c1": 5}}, "instances"),
+    ):
+        with pytest.raises(P.ProtocolError, match=words):
+            P.Report.parse(bad, "agg")
+
+
+def test_a_client_takes_only_the_report_naming_its_own_process(tmp_path):
+    """A report left over from an earlier federation of the task is dropped."""
+    from lightning_fed.channel import Channel, NodeIdentity, TaskConfig
+    from lightning_fed.fedavg.client import ClientRole
+
+    ids = {n: NodeIdentity.generate(n) for n in ("agg", "c1")}
+    task = TaskConfig("t", {n: i.public_key_text for n, i in ids.items()})
+    url = str(tmp_path / "channel")
+    agg = Channel(url, task, ids["agg"]).connect()
+    client = ClientRole(Channel(url, task, ids["c1"]).connect(), FedAvgConfig(role="client"))
+    client.aggregator = "agg"
+
+    def report(instance, acc):
+        body = {"report": {"test_metrics": {"test_acc": acc}}, "instances": {"c1": instance}}
+        agg.send(P.REPORT, body, to="c1")
+
+    report("an-earlier-process", 0.1)
+    report(client.instance, 0.9)
+    got = client.receive_report(timeout=5)
+    assert got is not None and got.test_metrics == {"test_acc": 0.9}
+    report("an-earlier-process", 0.1)
+    assert client.receive_report(timeout=0.3) is None  # nothing for this process: None
