@@ -5,6 +5,7 @@
 docs/psi.md for the protocol, what each party learns and the measured speed.
 """
 
+from lightning_fed.psi.align import private_intersection
 from lightning_fed.psi.ecdh import IdLike, InvalidPointError, PsiKey, encode_id, hash_ids
 from lightning_fed.psi.two_party import PsiError, PsiResult, intersect
 
@@ -17,4 +18,5 @@ __all__ = [
     "encode_id",
     "hash_ids",
     "intersect",
+    "private_intersection",
 ]

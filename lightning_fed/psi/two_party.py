@@ -59,8 +59,8 @@ class PsiResult:
 
     ids: list[IdLike]
     """This party's IDs that are in the intersection, in the order they were given."""
-    peer_size: int
-    """How many IDs the other party has (every party learns it)."""
+    peer_sizes: dict[str, int]
+    """How many IDs each other party has (every party learns them)."""
     seconds: float
     bytes_sent: int
     """Bytes of points this party sent (the channel adds small envelopes)."""
@@ -163,7 +163,7 @@ def intersect(
     peer_size = len(theirs[peer_nonce])
     result = PsiResult(
         ids=[ids[i] for i in kept],
-        peer_size=peer_size,
+        peer_sizes={peer: peer_size},
         seconds=time.monotonic() - started,
         bytes_sent=sent,
         bytes_received=received,

@@ -120,7 +120,8 @@ def test_two_parties_learn_the_same_intersection_and_nothing_in_the_clear(
     assert set(got["host"]["ids"]) == set(got["guest"]["ids"]) == want
     assert got["host"]["ids"] == [i for i in host_ids if i in want]  # the caller's order
     assert got["guest"]["ids"] == [i for i in guest_ids if i in want]
-    assert got["host"]["peer_size"] == 900 and got["guest"]["peer_size"] == 900
+    assert got["host"]["peer_sizes"] == {"guest": 900}
+    assert got["guest"]["peer_sizes"] == {"host": 900}
     # Nothing stored in the channel holds an ID or a plain hash of one.
     stored = pair.stored_bytes()
     assert len(stored) > 4 * 900 * 32  # the four lists of points are still there
@@ -136,7 +137,8 @@ def test_integer_ids_and_an_empty_intersection(tmp_path: Path) -> None:
     pair.start("guest", "host", list(range(50, 80)))
     got = pair.results()
     assert got["host"]["ids"] == [] and got["guest"]["ids"] == []
-    assert got["host"]["peer_size"] == 30 and got["guest"]["peer_size"] == 50
+    assert got["host"]["peer_sizes"] == {"guest": 30}
+    assert got["guest"]["peer_sizes"] == {"host": 50}
 
 
 def test_a_leftover_message_of_an_earlier_run_is_not_mixed_in(tmp_path: Path) -> None:
@@ -183,3 +185,75 @@ def test_over_s3(tmp_path: Path, s3_endpoint: str) -> None:
     pair.start("guest", "host", list(range(200, 400)), **opts)
     got = pair.results()
     assert got["host"]["ids"] == list(range(200, 300)) == got["guest"]["ids"]
+
+
+# -- a host and several collaborators ------------------------------------------------------
+
+
+def run_group(root: Path, sets: dict[str, list[Any]], timeout: float = 120) -> dict[str, Any]:
+    """Run private_intersection on every party of ``sets`` (the first is the host)."""
+    nodes = list(sets)
+    if not (root / "keys" / "task.json").exists():
+        make_keys(root, "psi-task", nodes)
+    procs = []
+    for node in nodes:
+        collaborators = nodes[1:] if node == nodes[0] else None
+        args = (str(root), node, nodes[0], collaborators, sets[node], timeout)
+        p = CTX.Process(target=parties.run_align, args=args)
+        p.start()
+        procs.append(p)
+    for p in procs:
+        p.join(timeout + 60)
+        if p.is_alive():
+            p.kill()
+    return {n: json.loads((root / f"{n}.json").read_text()) for n in nodes}
+
+
+@pytest.mark.parametrize("collaborators", [2, 3])
+def test_every_party_learns_only_the_intersection_of_all(
+    tmp_path: Path, collaborators: int
+) -> None:
+    sets = {"host": [f"patient-{i:05d}" for i in range(0, 400)]}
+    for j in range(collaborators):  # overlapping ranges: pairwise overlaps exceed the common part
+        sets[f"c{j + 1}"] = [f"patient-{i:05d}" for i in range(50 * (j + 1), 400 + 50 * (j + 1))][
+            ::-1
+        ]
+    got = run_group(tmp_path, sets)
+    common = set.intersection(*(set(v) for v in sets.values()))
+    assert len(common) == 400 - 50 * collaborators
+    for node, ids in sets.items():
+        assert "error" not in got[node], got[node]
+        assert got[node]["ids"] == [i for i in ids if i in common]  # its own order
+        others = {n: len(v) for n, v in sets.items() if n != node}
+        assert got[node]["peer_sizes"] == others
+    # Pairwise intersections are larger than the common part; nobody got one.
+    assert len(set(sets["host"]) & set(sets["c1"])) > len(common)
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "channel").rglob("*") if p.is_file())
+    everything = sorted(set().union(*sets.values()))
+    for i in everything[::5]:
+        assert i.encode() not in stored
+    for row in hash_ids(everything, b"psi-task"):
+        assert row.tobytes() not in stored
+
+
+def test_two_parties_through_the_handshake_and_a_stale_start_ignored(tmp_path: Path) -> None:
+    make_keys(tmp_path, "psi-task", ["host", "c1"])
+    with parties.channel(str(tmp_path), "host") as old:  # a host that crashed before
+        old.send("psi-start", {"session": "old", "parties": ["host", "c1"]}, to="c1")
+    got = run_group(tmp_path, {"host": list(range(100)), "c1": list(range(60, 160))})
+    assert got["host"]["ids"] == list(range(60, 100)) == got["c1"]["ids"]
+
+
+def test_a_collaborator_that_never_joins_is_named(tmp_path: Path) -> None:
+    make_keys(tmp_path, "psi-task", ["host", "c1", "c2"])
+    p = CTX.Process(
+        target=parties.run_align, args=(str(tmp_path), "host", "host", ["c1", "c2"], [1, 2], 3)
+    )
+    q = CTX.Process(target=parties.run_align, args=(str(tmp_path), "c1", "host", None, [1], 3))
+    p.start()
+    q.start()
+    p.join(60)
+    q.join(60)
+    error = json.loads((tmp_path / "host.json").read_text())["error"]
+    assert "c2 did not join the intersection within 3 s" in error
+    assert "start it there with host='host'" in error
