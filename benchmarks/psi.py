@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 def _party(root: str, node: str, parties: list[str], lo: int, hi: int, workers: int) -> None:
     from lightning_fed.channel import Channel, NodeIdentity, TaskConfig
-    from lightning_fed.psi import private_intersection
+    from lightning_fed.hetero.psi import private_intersection
 
     keys = Path(root) / "keys"
     task = TaskConfig.load(keys / "task.json")

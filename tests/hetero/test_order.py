@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lightning_fed.psi.order import batch_digest, batches, canonical, epoch_order, split_ids
+from lightning_fed.hetero.order import batch_digest, batches, canonical, epoch_order, split_ids
 
 IDS = [f"id-{i}" for i in range(1000)]
 

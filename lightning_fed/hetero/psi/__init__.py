@@ -5,9 +5,9 @@
 docs/psi.md for the protocol, what each party learns and the measured speed.
 """
 
-from lightning_fed.psi.align import private_intersection
-from lightning_fed.psi.ecdh import IdLike, InvalidPointError, PsiKey, encode_id, hash_ids
-from lightning_fed.psi.two_party import PsiError, PsiResult, intersect
+from lightning_fed.hetero.psi.align import private_intersection
+from lightning_fed.hetero.psi.ecdh import IdLike, InvalidPointError, PsiKey, encode_id, hash_ids
+from lightning_fed.hetero.psi.two_party import PsiError, PsiResult, intersect
 
 __all__ = [
     "IdLike",

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lightning_fed.channel import Channel
-from lightning_fed.psi.ecdh import IdLike, default_workers
-from lightning_fed.psi.ring import intersect_ring
-from lightning_fed.psi.session import SessionError, host_session, join_session
-from lightning_fed.psi.two_party import PsiError, PsiResult, intersect
+from lightning_fed.hetero.psi.ecdh import IdLike, default_workers
+from lightning_fed.hetero.psi.ring import intersect_ring
+from lightning_fed.hetero.psi.session import SessionError, host_session, join_session
+from lightning_fed.hetero.psi.two_party import PsiError, PsiResult, intersect
 
 
 def private_intersection(

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_fed.psi import InvalidPointError, PsiKey, encode_id, hash_ids
-from lightning_fed.psi.ecdh import check_unique, members, point_set
+from lightning_fed.hetero.psi import InvalidPointError, PsiKey, encode_id, hash_ids
+from lightning_fed.hetero.psi.ecdh import check_unique, members, point_set
 from lightning_fed.simulate import make_keys
-from tests.psi import parties
+from tests.hetero.psi import parties
 
 CTX = mp.get_context("spawn")
 

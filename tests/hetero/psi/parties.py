@@ -19,7 +19,7 @@ def channel(root: str, node: str, url: str | None = None, options: Any = None) -
 
 def run(root: str, node: str, peer: str, ids: list[Any], opts: dict[str, Any]) -> None:
     """Intersect ``ids`` with ``peer``; write the result (or the error) to ``<node>.json``."""
-    from lightning_fed.psi import PsiError, intersect
+    from lightning_fed.hetero.psi import PsiError, intersect
 
     logging.basicConfig(filename=str(Path(root) / f"{node}.log"), level=logging.INFO)
     out = Path(root) / f"{node}.json"
@@ -35,7 +35,7 @@ def run_align(
     root: str, node: str, host: str, collaborators: list[str] | None, ids: list[Any], timeout: float
 ) -> None:
     """``private_intersection`` on one party; the result (or error) to ``<node>.json``."""
-    from lightning_fed.psi import PsiError, private_intersection
+    from lightning_fed.hetero.psi import PsiError, private_intersection
 
     logging.basicConfig(filename=str(Path(root) / f"{node}.log"), level=logging.INFO)
     out = Path(root) / f"{node}.json"

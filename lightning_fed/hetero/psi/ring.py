@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from lightning_fed.channel import BlobIntegrityError, Channel, ChannelTimeoutError, Message
-from lightning_fed.psi.ecdh import (
+from lightning_fed.hetero.psi.ecdh import (
     IdLike,
     InvalidPointError,
     PsiKey,
@@ -49,8 +49,8 @@ from lightning_fed.psi.ecdh import (
     members,
     point_set,
 )
-from lightning_fed.psi.session import Session
-from lightning_fed.psi.two_party import PsiError, PsiResult
+from lightning_fed.hetero.psi.session import Session
+from lightning_fed.hetero.psi.two_party import PsiError, PsiResult
 
 log = logging.getLogger(__name__)
 

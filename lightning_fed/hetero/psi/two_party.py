@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lightning_fed.channel import BlobIntegrityError, Channel, ChannelTimeoutError, Message
-from lightning_fed.psi.ecdh import (
+from lightning_fed.hetero.psi.ecdh import (
     IdLike,
     InvalidPointError,
     PsiKey,

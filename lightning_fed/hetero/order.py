@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
-from lightning_fed.psi.ecdh import IdLike, encode_id
+from lightning_fed.hetero.psi.ecdh import IdLike, encode_id
 
 Id = TypeVar("Id", str, int, bytes)
 
