@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from lightning_fed.hetero.psi.ecdh import IdLike, encode_id
 
-Id = TypeVar("Id", str, int, bytes)
+Id = TypeVar("Id", bound=str | int | bytes)
 
 _ORDER_DOMAIN = b"lightning_fed/order/v1"
 _SPLIT_DOMAIN = b"lightning_fed/split/v1"
