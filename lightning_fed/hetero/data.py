@@ -80,7 +80,7 @@ class _ById(Dataset[tuple[IdLike, Any]]):
 
 def collate(items: list[tuple[IdLike, Any]]) -> HeteroBatch:
     """A :class:`HeteroBatch` of ``(id, sample)`` pairs (samples collated as usual)."""
-    return HeteroBatch([k for k, _ in items], default_collate([s for _, s in items]))  # type: ignore[no-untyped-call]
+    return HeteroBatch([k for k, _ in items], default_collate([s for _, s in items]))
 
 
 class HeteroDataModule(pl.LightningDataModule):
