@@ -1,0 +1,216 @@
+"""The per-batch exchange of split learning: features up, gradients down, checked.
+
+No Lightning here. For training step ``s`` every collaborator sends the host its
+feature tensor for the batch (``features``, round ``s``), tagged with the batch's
+ID digest and its ``feature_key``; the host checks each one against its own batch
+and, after its backward pass, sends each collaborator the gradient of its tensor
+(``gradient``, round ``s``). For evaluation a collaborator sends all its batches'
+features in one message (``eval-features``), saving round trips. At every epoch's
+end the host tells the collaborators whether to go on (``epoch``).
+
+Every message carries the run's ``session`` id; one from another run is dropped.
+Every wait has a deadline, and a timeout or a bad tensor is a :class:`HeteroError`
+that names the party, the step and the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from lightning_fed.channel import BlobIntegrityError, Channel, ChannelTimeoutError, Message
+
+log = logging.getLogger(__name__)
+
+FEATURES, GRADIENT, EVAL_FEATURES, EPOCH = "features", "gradient", "eval-features", "epoch"
+
+
+class HeteroError(RuntimeError):
+    """Split learning cannot go on: a party is silent, misaligned or sent bad tensors."""
+
+
+def _short(digest: str) -> str:
+    return digest[:12]
+
+
+def check_tensor(
+    tensor: torch.Tensor | None, *, rows: int, party: str, what: str, width: int | None = None
+) -> torch.Tensor:
+    """``tensor`` if it is a finite floating-point ``(rows, ...)`` tensor, else HeteroError."""
+    if tensor is None:
+        raise HeteroError(f"{party} sent {what} without its tensor")
+    if not tensor.is_floating_point():
+        raise HeteroError(f"{party} sent {what} of dtype {tensor.dtype}; a float tensor is needed")
+    if tensor.ndim < 1 or tensor.shape[0] != rows:
+        raise HeteroError(
+            f"{party} sent {what} of shape {tuple(tensor.shape)} for a batch of {rows} samples"
+        )
+    if width is not None and tuple(tensor.shape[1:]) != (width,):
+        raise HeteroError(
+            f"{party} sent {what} of shape {tuple(tensor.shape)}; expected ({rows}, {width})"
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise HeteroError(f"{party} sent {what} holding NaN or Inf; the run stops")
+    return tensor
+
+
+class _Link:
+    def __init__(self, channel: Channel, session: str, timeout: float) -> None:
+        self.channel = channel
+        self.session = session
+        self.timeout = timeout
+
+    def _send(
+        self,
+        kind: str,
+        to: str | list[str],
+        step: int,
+        body: Mapping[str, object],
+        tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        payload = {"session": self.session, **body}
+        detached = None if tensors is None else {k: v.detach().cpu() for k, v in tensors.items()}
+        self.channel.send(kind, payload, to=to, round=step, tensors=detached)
+
+    def _receive(self, kind: str, sender: str | list[str], step: int, what: str) -> Message:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise ChannelTimeoutError(what, [], self.timeout)
+                msg = self.channel.receive(kind, sender=sender, round=step, timeout=left)
+            except ChannelTimeoutError:
+                who = sender if isinstance(sender, str) else ", ".join(sender)
+                raise HeteroError(
+                    f"no {what} from {who} within calculation_timeout={self.timeout:g} s "
+                    f"(step {step}); hint: check that party's log, or raise calculation_timeout"
+                ) from None
+            except BlobIntegrityError as exc:
+                raise HeteroError(f"{what} from {exc.sender} is corrupt: {exc.reason}") from None
+            if msg.body.get("session") == self.session:
+                return msg
+            log.info(
+                "%s: dropped %s of another run from %s", self.channel.node_id, kind, msg.sender
+            )
+
+
+class HostLink(_Link):
+    """The host's side: gather features, scatter gradients, lead the epochs.
+
+    Args:
+        channel: the host's connected channel.
+        collaborators: feature key of every collaborator node, e.g. ``{"lab": "right"}``.
+        session: the run's id (the same on every party).
+        timeout: seconds to wait for any one message (``calculation_timeout``).
+    """
+
+    def __init__(
+        self, channel: Channel, collaborators: Mapping[str, str], session: str, timeout: float
+    ) -> None:
+        super().__init__(channel, session, timeout)
+        self.collaborators = dict(collaborators)
+
+    def gather(self, step: int, digest: str, rows: int) -> dict[str, torch.Tensor]:
+        """Every collaborator's features for training step ``step``, by feature key."""
+        got: dict[str, torch.Tensor] = {}
+        for node, key in sorted(self.collaborators.items()):
+            msg = self._receive(FEATURES, node, step, "features")
+            theirs = msg.body.get("digest")
+            if theirs != digest:
+                raise HeteroError(
+                    f"collaborator {node!r} sent features of batch {_short(str(theirs))} for "
+                    f"step {step}, but the host's batch {step} is {_short(digest)}: the parties' "
+                    "batches disagree; hint: use the same batch_size, seed and test_fraction, "
+                    "and the same intersection, on every party"
+                )
+            what = f"features for step {step}"
+            got[key] = check_tensor(
+                msg.tensors.get("z"), rows=rows, party=f"collaborator {node!r}", what=what
+            )
+        return got
+
+    def scatter(self, step: int, digest: str, gradients: Mapping[str, torch.Tensor]) -> None:
+        """Send each collaborator the gradient of its features (``gradients`` by feature key)."""
+        for node, key in sorted(self.collaborators.items()):
+            grad = gradients.get(key)
+            if grad is None:
+                raise HeteroError(
+                    f"no gradient for the features of {node!r} (feature key {key!r}) at step "
+                    f"{step}: the loss does not depend on them; hint: fuse every party's features"
+                )
+            self._send(GRADIENT, node, step, {"digest": digest}, {"g": grad})
+
+    def gather_eval(self, epoch: int, digests: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        """Every collaborator's features for all evaluation batches, batch by batch."""
+        per_batch: list[dict[str, torch.Tensor]] = [{} for _ in digests]
+        for node, key in sorted(self.collaborators.items()):
+            msg = self._receive(EVAL_FEATURES, node, epoch, "evaluation features")
+            if msg.body.get("digests") != list(digests):
+                raise HeteroError(
+                    f"collaborator {node!r} sent evaluation features of other batches than the "
+                    f"host's ({len(msg.body.get('digests') or [])} vs {len(digests)} batches); "
+                    "hint: use the same batch_size, seed and test_fraction on every party"
+                )
+            for i in range(len(digests)):
+                z = msg.tensors.get(f"z{i}")
+                if z is None:
+                    raise HeteroError(f"{node!r} sent no features for evaluation batch {i}")
+                per_batch[i][key] = check_tensor(
+                    z, rows=len(z), party=f"collaborator {node!r}", what=f"evaluation batch {i}"
+                )
+        return per_batch
+
+    def announce(self, epoch: int, stop: bool) -> None:
+        """Tell every collaborator that ``epoch`` ended and whether training stops."""
+        self._send(EPOCH, sorted(self.collaborators), epoch, {"stop": bool(stop)})
+
+
+class CollaboratorLink(_Link):
+    """A collaborator's side: send features, receive their gradient, follow the epochs."""
+
+    def __init__(
+        self, channel: Channel, host: str, feature_key: str, session: str, timeout: float
+    ) -> None:
+        super().__init__(channel, session, timeout)
+        self.host = host
+        self.feature_key = feature_key
+
+    def send(self, step: int, digest: str, features: torch.Tensor) -> None:
+        """Send this batch's features to the host."""
+        body = {"digest": digest, "key": self.feature_key}
+        self._send(FEATURES, self.host, step, body, {"z": features})
+
+    def gradient(self, step: int, digest: str, like: torch.Tensor) -> torch.Tensor:
+        """The gradient of this batch's features, checked against their shape."""
+        msg = self._receive(GRADIENT, self.host, step, "gradient")
+        if msg.body.get("digest") != digest:
+            raise HeteroError(
+                f"the host sent the gradient of batch {_short(str(msg.body.get('digest')))} for "
+                f"step {step}, but this party's batch is {_short(digest)}"
+            )
+        grad = check_tensor(
+            msg.tensors.get("g"), rows=like.shape[0], party=f"host {self.host!r}", what="gradient"
+        )
+        if grad.shape != like.shape:
+            raise HeteroError(
+                f"host {self.host!r} sent a gradient of shape {tuple(grad.shape)} for features "
+                f"of shape {tuple(like.shape)}"
+            )
+        return grad.to(device=like.device, dtype=like.dtype)
+
+    def send_eval(
+        self, epoch: int, digests: Sequence[str], features: Sequence[torch.Tensor]
+    ) -> None:
+        """Send the features of every evaluation batch at once."""
+        tensors = {f"z{i}": z for i, z in enumerate(features)}
+        body = {"digests": list(digests), "key": self.feature_key}
+        self._send(EVAL_FEATURES, self.host, epoch, body, tensors)
+
+    def epoch_ended(self, epoch: int) -> bool:
+        """Wait for the host's word on ``epoch``; True if training stops."""
+        msg = self._receive(EPOCH, self.host, epoch, "end-of-epoch word")
+        return bool(msg.body.get("stop", False))
