@@ -23,7 +23,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_fed.channel import Channel, NodeIdentity, TaskConfig
+from lightning_fed.channel import Channel
+from lightning_fed.channel.credentials import load_credentials
 from lightning_fed.fedavg.aggregator import AggregatorRole
 from lightning_fed.fedavg.client import ClientRole
 from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
@@ -267,8 +268,9 @@ class FedAvgStrategy(SingleDeviceStrategy):
         if isinstance(self._channel_arg, Channel):
             channel = self._channel_arg
         else:
-            task = self._load_task()
-            identity = self._load_identity()
+            task, identity = load_credentials(
+                self.task_id, self.node_id, self.task_config_path, self.key_path, self.keys
+            )
             channel = Channel(
                 self._channel_arg,
                 task,
@@ -279,31 +281,6 @@ class FedAvgStrategy(SingleDeviceStrategy):
             )
         self._channel = channel.connect()
         return channel
-
-    def _load_task(self) -> TaskConfig:
-        path = self.task_config_path
-        if not path.is_file():
-            raise FedAvgError(
-                f"no task configuration at {str(path)!r}; hint: for a simulation run "
-                f"`lightning-fed keys federation --task-id {self.task_id} --nodes ... --dir "
-                f"{self.keys}`, across organisations get task.json from the task initiator"
-            )
-        task = TaskConfig.load(path)
-        if task.task_id != self.task_id:
-            raise FedAvgError(
-                f"{str(path)!r} configures task {task.task_id!r}, but this party was given "
-                f"task_id={self.task_id!r}; hint: use that task's configuration file"
-            )
-        return task
-
-    def _load_identity(self) -> NodeIdentity:
-        path = self.key_path
-        if not path.is_file():
-            raise FedAvgError(
-                f"no private key for node {self.node_id!r} at {str(path)!r}; hint: "
-                f"`lightning-fed keys new {self.node_id} --dir {self.keys}` and share the .pub"
-            )
-        return NodeIdentity.load(path, self.node_id)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -101,24 +101,56 @@ class _Link:
 class HostLink(_Link):
     """The host's side: gather features, scatter gradients, lead the epochs.
 
+    Each collaborator names its ``feature_key`` in its messages; the host keys the
+    features it gathers by them.
+
     Args:
         channel: the host's connected channel.
-        collaborators: feature key of every collaborator node, e.g. ``{"lab": "right"}``.
+        collaborators: the collaborators' node ids.
+        own_key: the host's own feature key (no collaborator may use it).
         session: the run's id (the same on every party).
         timeout: seconds to wait for any one message (``calculation_timeout``).
     """
 
     def __init__(
-        self, channel: Channel, collaborators: Mapping[str, str], session: str, timeout: float
+        self,
+        channel: Channel,
+        collaborators: Sequence[str],
+        own_key: str,
+        session: str,
+        timeout: float,
     ) -> None:
         super().__init__(channel, session, timeout)
-        self.collaborators = dict(collaborators)
+        self.collaborators = sorted(collaborators)
+        self.own_key = own_key
+        self.keys: dict[str, str] = {}  # node -> feature key, learned from its messages
+
+    def _key(self, msg: Message) -> str:
+        key = msg.body.get("key")
+        if not isinstance(key, str) or not key:
+            raise HeteroError(f"collaborator {msg.sender!r} sent {msg.kind} without a feature_key")
+        known = self.keys.get(msg.sender)
+        if known is None:
+            clash = [n for n, k in self.keys.items() if k == key]
+            if key == self.own_key or clash:
+                other = "the host" if key == self.own_key else repr(clash[0])
+                raise HeteroError(
+                    f"collaborator {msg.sender!r} uses feature_key {key!r}, as {other} does; "
+                    "hint: give every party its own feature_key"
+                )
+            self.keys[msg.sender] = key
+        elif key != known:
+            raise HeteroError(
+                f"collaborator {msg.sender!r} changed its feature_key from {known!r} to {key!r}"
+            )
+        return key
 
     def gather(self, step: int, digest: str, rows: int) -> dict[str, torch.Tensor]:
         """Every collaborator's features for training step ``step``, by feature key."""
         got: dict[str, torch.Tensor] = {}
-        for node, key in sorted(self.collaborators.items()):
+        for node in self.collaborators:
             msg = self._receive(FEATURES, node, step, "features")
+            key = self._key(msg)
             theirs = msg.body.get("digest")
             if theirs != digest:
                 raise HeteroError(
@@ -135,7 +167,10 @@ class HostLink(_Link):
 
     def scatter(self, step: int, digest: str, gradients: Mapping[str, torch.Tensor]) -> None:
         """Send each collaborator the gradient of its features (``gradients`` by feature key)."""
-        for node, key in sorted(self.collaborators.items()):
+        for node in self.collaborators:
+            key = self.keys.get(node)
+            if key is None:
+                raise HeteroError(f"scatter() before any features came from {node!r}")
             grad = gradients.get(key)
             if grad is None:
                 raise HeteroError(
@@ -147,8 +182,9 @@ class HostLink(_Link):
     def gather_eval(self, epoch: int, digests: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         """Every collaborator's features for all evaluation batches, batch by batch."""
         per_batch: list[dict[str, torch.Tensor]] = [{} for _ in digests]
-        for node, key in sorted(self.collaborators.items()):
+        for node in self.collaborators:
             msg = self._receive(EVAL_FEATURES, node, epoch, "evaluation features")
+            key = self._key(msg)
             if msg.body.get("digests") != list(digests):
                 raise HeteroError(
                     f"collaborator {node!r} sent evaluation features of other batches than the "
@@ -166,7 +202,7 @@ class HostLink(_Link):
 
     def announce(self, epoch: int, stop: bool) -> None:
         """Tell every collaborator that ``epoch`` ended and whether training stops."""
-        self._send(EPOCH, sorted(self.collaborators), epoch, {"stop": bool(stop)})
+        self._send(EPOCH, self.collaborators, epoch, {"stop": bool(stop)})
 
 
 class CollaboratorLink(_Link):

@@ -19,7 +19,7 @@ def links(tmp_path: Path) -> tuple[HostLink, CollaboratorLink, Channel]:
     url = str(tmp_path / "channel")
     host_ch = Channel(url, task, ids["host"]).connect()
     lab_ch = Channel(url, task, ids["lab"]).connect()
-    host = HostLink(host_ch, {"lab": "right"}, "s1", timeout=5)
+    host = HostLink(host_ch, ["lab"], "left", "s1", timeout=5)
     lab = CollaboratorLink(lab_ch, "host", "right", "s1", timeout=5)
     return host, lab, lab_ch
 
@@ -83,6 +83,10 @@ def test_a_message_of_another_run_is_dropped(links) -> None:
 
 def test_gradients_must_fit_and_exist(links) -> None:
     host, lab, _ = links
+    with pytest.raises(HeteroError, match="before any features came from 'lab'"):
+        host.scatter(0, "d", {})
+    lab.send(0, "d", torch.zeros(2, 3))
+    host.gather(0, "d", rows=2)
     with pytest.raises(HeteroError, match="the loss does not depend on them"):
         host.scatter(0, "d", {})
     host.scatter(0, "d", {"right": torch.zeros(2, 5)})
@@ -93,3 +97,16 @@ def test_gradients_must_fit_and_exist(links) -> None:
     host.scatter(1, "other", {"right": torch.zeros(2, 3)})
     with pytest.raises(HeteroError, match="the gradient of batch other for step 1"):
         lab.gradient(1, "d", like=torch.zeros(2, 3))
+
+
+def test_feature_keys_must_be_distinct_and_stable(links) -> None:
+    host, lab, lab_ch = links
+    clash = CollaboratorLink(lab_ch, "host", "left", "s1", timeout=5)  # the host's own key
+    clash.send(0, "d", torch.zeros(1, 2))
+    with pytest.raises(HeteroError, match="uses feature_key 'left', as the host does"):
+        host.gather(0, "d", rows=1)
+    lab.send(1, "d", torch.zeros(1, 2))
+    assert list(host.gather(1, "d", rows=1)) == ["right"]
+    CollaboratorLink(lab_ch, "host", "other", "s1", timeout=5).send(2, "d", torch.zeros(1, 2))
+    with pytest.raises(HeteroError, match="changed its feature_key from 'right' to 'other'"):
+        host.gather(2, "d", rows=1)

@@ -9,6 +9,7 @@ session handshake (:mod:`.session`), two parties run the two-party protocol
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from lightning_fed.channel import Channel
 from lightning_fed.hetero.psi.ecdh import IdLike, default_workers
@@ -59,5 +60,9 @@ def private_intersection(
     n_workers = default_workers() if workers is None else workers
     if len(session.parties) == 2:
         peer = session.parties[1] if me == host else host
-        return intersect(channel, peer, ids, context=ctx, timeout=timeout, workers=n_workers)
-    return intersect_ring(channel, session, ids, context=ctx, timeout=timeout, workers=n_workers)
+        result = intersect(channel, peer, ids, context=ctx, timeout=timeout, workers=n_workers)
+    else:
+        result = intersect_ring(
+            channel, session, ids, context=ctx, timeout=timeout, workers=n_workers
+        )
+    return replace(result, session=session.id)

@@ -65,6 +65,8 @@ class PsiResult:
     bytes_sent: int
     """Bytes of points this party sent (the channel adds small envelopes)."""
     bytes_received: int
+    session: str = ""
+    """The run's id agreed in the handshake (empty from :func:`intersect` alone)."""
 
 
 def _points_of(msg: Message, what: str) -> np.ndarray:
