@@ -26,6 +26,7 @@ from lightning_fed.channel import BlobIntegrityError, Channel, ChannelTimeoutErr
 log = logging.getLogger(__name__)
 
 FEATURES, GRADIENT, EVAL_FEATURES, EPOCH = "features", "gradient", "eval-features", "epoch"
+ABORT = "abort"
 
 
 class HeteroError(RuntimeError):
@@ -76,13 +77,14 @@ class _Link:
         self.channel.send(kind, payload, to=to, round=step, tensors=detached)
 
     def _receive(self, kind: str, sender: str | list[str], step: int, what: str) -> Message:
+        """The next ``kind`` message of round ``step`` from ``sender``, or an abort."""
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
             try:
                 if left <= 0:
                     raise ChannelTimeoutError(what, [], self.timeout)
-                msg = self.channel.receive(kind, sender=sender, round=step, timeout=left)
+                msg = self.channel.receive([kind, ABORT], sender=sender, timeout=left)
             except ChannelTimeoutError:
                 who = sender if isinstance(sender, str) else ", ".join(sender)
                 raise HeteroError(
@@ -91,11 +93,30 @@ class _Link:
                 ) from None
             except BlobIntegrityError as exc:
                 raise HeteroError(f"{what} from {exc.sender} is corrupt: {exc.reason}") from None
-            if msg.body.get("session") == self.session:
-                return msg
-            log.info(
-                "%s: dropped %s of another run from %s", self.channel.node_id, kind, msg.sender
-            )
+            if msg.body.get("session") != self.session:
+                log.info(
+                    "%s: dropped %s of another run from %s", self.channel.node_id, kind, msg.sender
+                )
+                continue
+            if msg.kind == ABORT:
+                raise HeteroError(
+                    f"{msg.sender} stopped the run: {msg.body.get('reason', 'no reason given')}"
+                )
+            if msg.round < step:
+                log.info("%s: dropped a late %s of round %d", self.channel.node_id, kind, msg.round)
+                continue
+            if msg.round > step:
+                raise HeteroError(
+                    f"{msg.sender} sent {what} of round {msg.round} while this party is at "
+                    f"{step}: the parties are out of step"
+                )
+            return msg
+
+    def abort(self, peers: Sequence[str], reason: str) -> None:
+        """Tell ``peers`` that this party stopped, so that none waits for its timeout."""
+        if peers:
+            body = {"session": self.session, "reason": reason[:4000]}
+            self.channel.send(ABORT, body, to=list(peers))
 
 
 class HostLink(_Link):

@@ -24,7 +24,7 @@ from typing_extensions import override
 from lightning_fed.channel import Channel
 from lightning_fed.channel.credentials import load_credentials
 from lightning_fed.hetero.data import HeteroDataModule
-from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink
+from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink, _Link
 from lightning_fed.hetero.module import HeteroNNModule
 from lightning_fed.hetero.psi import private_intersection
 
@@ -174,6 +174,19 @@ class HeteroNNStrategy(SingleDeviceStrategy):
                 channel, self.host, module.feature_key, self._session, self.calculation_timeout
             )
         module.connect(link)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Tell the other parties this one stopped, so that none waits for its timeout."""
+        super().on_exception(exception)
+        if self._channel is None or self._session is None:
+            return
+        peers = self.collaborators if self.role == "host" else [self.host or ""]
+        link = _Link(self._channel, self._session, self.calculation_timeout)
+        try:
+            link.abort([p for p in peers if p], f"{type(exception).__name__}: {exception}")
+        except Exception as exc:  # never hide the original failure
+            log.warning("%s: could not tell the others about the failure: %s", self.node_id, exc)
 
     def _align(self, channel: Channel, data: HeteroDataModule) -> None:
         assert self.host is not None

@@ -8,6 +8,8 @@ weights as the parties.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -56,11 +58,28 @@ def inference_model() -> nn.Module:
 
 
 class Party(HeteroNNModule):
-    def __init__(self, node: str, lr: float = 0.1, momentum: float = 0.9) -> None:
+    """A party's model; ``faults`` makes it die or send NaN at a given training step."""
+
+    def __init__(
+        self, node: str, lr: float = 0.1, momentum: float = 0.9, faults: Any = None
+    ) -> None:
         super().__init__(feature_key=node)
         self.feature_model = feature_model(node)
         self.inference_model = inference_model() if node == "host" else None
         self.lr, self.momentum = lr, momentum
+        self.faults = faults or {}
+        self.steps = 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.steps += 1
+        if self.faults.get("die_at_step") == self.steps:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def forward_features(self, data: Any) -> torch.Tensor:
+        z = super().forward_features(data)
+        if self.training and self.faults.get("nan_at_step") == self.steps:
+            z = z * float("nan")
+        return z
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
@@ -94,21 +113,18 @@ def run_party(
         enable_model_summary=False,
         deterministic=True,
     )
-    model = Party(node)
-    data = Data(node, *ranges[node], batch_size=opts.get("batch_size", 8), test_fraction=0.2)
+    model = Party(node, faults=opts.get("faults", {}).get(node))
+    batch_size = opts.get("batch_sizes", {}).get(node, 8)
+    data = Data(node, *ranges[node], batch_size=batch_size, test_fraction=0.2)
     try:
         trainer.fit(model, datamodule=data)
-        metrics = {}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if opts.get("test"):
-            metrics = (
-                trainer.test(model, datamodule=data, verbose=False)[0] if role == "host" else {}
-            )
-            if role != "host":
-                trainer.test(model, datamodule=data, verbose=False)
-        torch.save(
-            {"state": model.state_dict(), "train_ids": data.train_ids, "metrics": metrics},
-            Path(root) / f"{node}.pt",
-        )
+            tested = trainer.test(model, datamodule=data, verbose=False)
+            if role == "host":
+                metrics.update(tested[0])
+        saved = {"state": model.state_dict(), "train_ids": data.train_ids, "metrics": metrics}
+        torch.save(saved, Path(root) / f"{node}.pt")
     except Exception as exc:
         logging.getLogger("party").exception("FAILED")
         (Path(root) / f"{node}.error").write_text(f"{type(exc).__name__}: {exc}")

@@ -88,3 +88,46 @@ def test_split_learning_equals_the_composed_model_trained_centrally(
     }
     for k, v in composed.inference.state_dict().items():
         torch.testing.assert_close(host_inference[k], v, rtol=1e-5, atol=1e-6)
+
+
+def error_of(root: Path, node: str) -> str:
+    path = root / f"{node}.error"
+    return path.read_text() if path.exists() else ""
+
+
+def test_validation_every_epoch_and_the_final_test_are_logged_on_the_host(tmp_path: Path) -> None:
+    ranges = {"host": (0, 70), "c1": (10, 80)}
+    assert run(tmp_path, ranges, epochs=2, test=True) == {"host": 0, "c1": 0}
+    metrics = torch.load(tmp_path / "host.pt", weights_only=False)["metrics"]
+    for name in ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc"):
+        assert name in metrics, metrics
+    assert 0.0 <= metrics["test_acc"] <= 1.0
+
+
+def test_a_collaborator_killed_mid_epoch_is_named_by_the_host(tmp_path: Path) -> None:
+    ranges = {"host": (0, 70), "c1": (10, 80)}
+    started = time.monotonic()
+    codes = run(tmp_path, ranges, calculation_timeout=4, faults={"c1": {"die_at_step": 3}})
+    assert codes["host"] == 1 and codes["c1"] == -9
+    assert "no features from c1 within calculation_timeout=4 s (step 2)" in error_of(
+        tmp_path, "host"
+    )
+    assert time.monotonic() - started < 120
+
+
+def test_nan_features_stop_every_party_with_the_reason(tmp_path: Path) -> None:
+    ranges = {"host": (0, 70), "c1": (10, 80), "c2": (5, 75)}
+    codes = run(tmp_path, ranges, calculation_timeout=60, faults={"c2": {"nan_at_step": 2}})
+    assert codes == {"host": 1, "c1": 1, "c2": 1}
+    host = error_of(tmp_path, "host")
+    assert "collaborator 'c2' sent features for step 1 holding NaN or Inf" in host
+    # The host's abort reaches the others at once, not after calculation_timeout.
+    assert "host stopped the run: HeteroError: collaborator 'c2'" in error_of(tmp_path, "c1")
+
+
+def test_misaligned_batches_are_named(tmp_path: Path) -> None:
+    ranges = {"host": (0, 70), "c1": (10, 80)}
+    codes = run(tmp_path, ranges, calculation_timeout=30, batch_sizes={"c1": 6})
+    assert codes["host"] == 1
+    assert "'c1' sent features of batch" in error_of(tmp_path, "host")
+    assert "batches disagree" in error_of(tmp_path, "host")
