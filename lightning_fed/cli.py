@@ -93,6 +93,23 @@ def _simulate(args: argparse.Namespace) -> int:
     from lightning_fed.simulate import describe, simulate
 
     workdir = args.workdir or f"runs/{args.task_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    fedavg = [args.aggregator, args.client, args.clients]
+    if args.host or args.collaborator:
+        if any(v is not None for v in fedavg) or not (args.host and args.collaborator):
+            print(
+                "simulate: a HeteroNN task takes --host and one --collaborator per "
+                "collaborator, and none of --aggregator/--client/--clients",
+                file=sys.stderr,
+            )
+            return 2
+        return _simulate_hetero(args, workdir)
+    if any(v is None for v in fedavg):
+        print(
+            "simulate: a FedAvg task takes --aggregator, --client and --clients "
+            "(or, for HeteroNN, --host and --collaborator)",
+            file=sys.stderr,
+        )
+        return 2
     print(f"simulate: {args.clients} client(s) and an aggregator in {workdir}", flush=True)
     try:
         result = simulate(
@@ -109,6 +126,32 @@ def _simulate(args: argparse.Namespace) -> int:
         print("simulate: stopped by Ctrl-C", file=sys.stderr)
         return 130
     print("\n".join(describe(result, args.task_id)))
+    return 0 if result.ok else 1
+
+
+def _simulate_hetero(args: argparse.Namespace, workdir: str) -> int:
+    from lightning_fed.simulate import simulate_hetero
+
+    print(f"simulate: a host and {len(args.collaborator)} collaborator(s) in {workdir}", flush=True)
+    try:
+        result = simulate_hetero(
+            args.host,
+            args.collaborator,
+            workdir=workdir,
+            task_id=args.task_id,
+            host_args=args.host_arg,
+            collaborator_args=args.collaborator_arg,
+            threads=args.threads,
+        )
+    except KeyboardInterrupt:
+        print("simulate: stopped by Ctrl-C", file=sys.stderr)
+        return 130
+    for node, code in result.returncodes.items():
+        print(f"  {node}: {'ok' if code == 0 else f'FAILED (exit {code})'}")
+    print(
+        f"outputs under {result.workdir}; TensorBoard: tensorboard --logdir "
+        f"{result.workdir / 'host' / 'lightning_logs'}"
+    )
     return 0 if result.ok else 1
 
 
@@ -142,9 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate", help="run a whole federation on this machine, one process per party"
     )
-    sim.add_argument("--aggregator", required=True, help="the aggregator's LightningCLI YAML")
-    sim.add_argument("--client", required=True, help="the clients' LightningCLI YAML")
-    sim.add_argument("--clients", type=int, required=True, help="how many clients to start")
+    sim.add_argument("--aggregator", help="FedAvg: the aggregator's LightningCLI YAML")
+    sim.add_argument("--client", help="FedAvg: the clients' LightningCLI YAML")
+    sim.add_argument("--clients", type=int, help="FedAvg: how many clients to start")
+    sim.add_argument("--host", help="HeteroNN: the host's LightningCLI YAML")
+    sim.add_argument(
+        "--collaborator",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="HeteroNN: a collaborator's LightningCLI YAML (repeat for each collaborator)",
+    )
     sim.add_argument("--task-id", default="simulation")
     sim.add_argument("--workdir", help="keys, channel and outputs (default: runs/TASK-TIME)")
     sim.add_argument(
@@ -167,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARG",
         help="extra LightningCLI argument for every client (repeatable)",
     )
+    for flag, who in (("--host-arg", "the host"), ("--collaborator-arg", "every collaborator")):
+        sim.add_argument(
+            flag,
+            action="append",
+            default=[],
+            metavar="ARG",
+            help=f"HeteroNN: extra LightningCLI argument for {who} (repeatable)",
+        )
     sim.set_defaults(func=_simulate)
 
     for name, func, text in (

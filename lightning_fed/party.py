@@ -23,6 +23,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_fed.channel import ChannelError
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.strategy import FedAvgStrategy
+from lightning_fed.hetero import HeteroError, HeteroNNStrategy
+from lightning_fed.hetero.psi import PsiError
 
 
 def _quiet_known_noise() -> None:
@@ -52,10 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_config_kwargs={"overwrite": True},
     )
     strategy = cli.trainer.strategy
+    if isinstance(strategy, HeteroNNStrategy):
+        return _run_hetero(cli, strategy)
     if not isinstance(strategy, FedAvgStrategy):
         raise SystemExit(
-            "the config's trainer.strategy must be lightning_fed.FedAvgStrategy, got "
-            f"{type(strategy).__name__}; hint: see examples/digits/aggregator.yaml"
+            "the config's trainer.strategy must be lightning_fed.FedAvgStrategy or "
+            f"lightning_fed.hetero.HeteroNNStrategy, got {type(strategy).__name__}; hint: see "
+            "examples/digits/aggregator.yaml or examples/digits_halves/host.yaml"
         )
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -69,6 +74,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
                 print(f"client {strategy.node_id}: the global model's test: {shown}", flush=True)
     except (FedAvgError, ChannelError) as exc:
+        print(f"lightning-fed party {strategy.node_id}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_hetero(cli: LightningCLI, strategy: HeteroNNStrategy) -> int:
+    """A HeteroNN party: fit, then test (every party takes part in the host's test)."""
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        if cli.trainer.state.status.value == "finished":
+            cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=strategy.role == "host")
+    except (HeteroError, PsiError, ChannelError) as exc:
         print(f"lightning-fed party {strategy.node_id}: error: {exc}", file=sys.stderr)
         return 1
     return 0

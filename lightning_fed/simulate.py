@@ -166,19 +166,9 @@ def simulate(
     ):
         raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
     agg_cfg, cli_cfg = Path(aggregator_config), Path(client_config)
-    for path in (agg_cfg, cli_cfg):
-        if not path.is_file():
-            raise FileNotFoundError(f"no LightningCLI config at {str(path)!r}")
     out = out or sys.stdout
-    root = Path(workdir).resolve()
-    if (root / "channel" / task_id).exists() or (root / AGGREGATOR).exists():
-        raise FileExistsError(
-            f"{str(root)!r} holds an earlier simulation of task {task_id!r}; hint: choose "
-            "another --workdir or delete it"
-        )
     nodes = [AGGREGATOR] + [client_id(i) for i in range(clients)]
-    make_keys(root, task_id, nodes)
-    (root / "channel").mkdir(parents=True, exist_ok=True)
+    root = _prepare(workdir, task_id, nodes, [agg_cfg, cli_cfg])
     parties = [
         Party(
             AGGREGATOR,
@@ -203,7 +193,92 @@ def simulate(
                 client_id(i), party_command(cli_cfg, client_id(i), "client", root, task_id, extra)
             )
         )
-    env = _environment([agg_cfg, cli_cfg], threads, len(parties))
+    codes, interrupted = _run_parties(parties, [agg_cfg, cli_cfg], threads, out)
+    report_path = root / AGGREGATOR / "fedavg" / task_id / AGGREGATOR / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if interrupted:
+        raise KeyboardInterrupt
+    return SimulationResult(root, codes, report)
+
+
+def _prepare(
+    workdir: str | os.PathLike[str], task_id: str, nodes: Sequence[str], configs: Sequence[Path]
+) -> Path:
+    """Check the configs and the work folder, write the keys, make the channel folder."""
+    for path in configs:
+        if not path.is_file():
+            raise FileNotFoundError(f"no LightningCLI config at {str(path)!r}")
+    root = Path(workdir).resolve()
+    if (root / "channel" / task_id).exists() or (root / nodes[0]).exists():
+        raise FileExistsError(
+            f"{str(root)!r} holds an earlier simulation of task {task_id!r}; hint: choose "
+            "another --workdir or delete it"
+        )
+    make_keys(root, task_id, nodes)
+    (root / "channel").mkdir(parents=True, exist_ok=True)
+    return root
+
+
+HOST = "host"
+
+
+def collaborator_id(index: int) -> str:
+    """The node id of the ``index``-th simulated collaborator (0-based): ``collaborator-1``."""
+    return f"collaborator-{index + 1}"
+
+
+def simulate_hetero(
+    host_config: str | os.PathLike[str],
+    collaborator_configs: Sequence[str | os.PathLike[str]],
+    *,
+    workdir: str | os.PathLike[str],
+    task_id: str = "simulation",
+    host_args: Sequence[str] = (),
+    collaborator_args: Sequence[str] = (),
+    out: IO[str] | None = None,
+    threads: int | None = None,
+) -> SimulationResult:
+    """Run a HeteroNN task, a host and one collaborator per config, as separate processes.
+
+    Every party runs ``fit`` then ``test`` (``python -m lightning_fed.party``). The
+    host is ``host``; collaborator ``i`` (0-based) is ``collaborator-{i+1}``, and its
+    config is ``collaborator_configs[i]`` (each collaborator holds its own columns).
+    """
+    if not collaborator_configs:
+        raise ValueError("a HeteroNN task needs at least one collaborator config")
+    host_cfg = Path(host_config)
+    cfgs = [Path(c) for c in collaborator_configs]
+    out = out or sys.stdout
+    collaborators = [collaborator_id(i) for i in range(len(cfgs))]
+    root = _prepare(workdir, task_id, [HOST, *collaborators], [host_cfg, *cfgs])
+    listed = "[" + ",".join(collaborators) + "]"
+    parties = [
+        Party(
+            HOST,
+            party_command(
+                host_cfg,
+                HOST,
+                "host",
+                root,
+                task_id,
+                [f"--trainer.strategy.init_args.collaborators={listed}", *host_args],
+            ),
+        )
+    ]
+    for node, cfg in zip(collaborators, cfgs):
+        extra = [f"--trainer.strategy.init_args.host={HOST}", *collaborator_args]
+        parties.append(Party(node, party_command(cfg, node, "collaborator", root, task_id, extra)))
+    codes, interrupted = _run_parties(parties, [host_cfg, *cfgs], threads, out)
+    if interrupted:
+        raise KeyboardInterrupt
+    return SimulationResult(root, codes, None)
+
+
+def _run_parties(
+    parties: Sequence[Party], configs: Sequence[Path], threads: int | None, out: IO[str]
+) -> tuple[dict[str, int], bool]:
+    """Start every party, prefix its lines, wait; the first party leads (see _wait_all)."""
+    env = _environment(configs, threads, len(parties))
     width = max(len(p.node_id) for p in parties)
     lock = threading.Lock()
     interrupted = False
@@ -227,12 +302,8 @@ def simulate(
     for party in parties:
         if party.pump is not None:
             party.pump.join(timeout=5)
-    report_path = root / AGGREGATOR / "fedavg" / task_id / AGGREGATOR / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else None
     codes = {p.node_id: (p.returncode if p.returncode is not None else -1) for p in parties}
-    if interrupted:
-        raise KeyboardInterrupt
-    return SimulationResult(root, codes, report)
+    return codes, interrupted
 
 
 def _wait_all(parties: Sequence[Party], out: IO[str]) -> None:

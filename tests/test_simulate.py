@@ -152,3 +152,52 @@ def test_ctrl_c_stops_every_party(tmp_path: Path) -> None:
     assert proc.returncode == 130, "".join(seen) + rest
     assert "stopping every party" in rest
     assert processes_mentioning(str(workdir)) == []
+
+
+HALVES = ROOT / "examples" / "digits_halves"
+
+
+def test_simulate_runs_a_heteronn_task_and_every_party_tests(tmp_path: Path) -> None:
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_fed.cli",
+            "simulate",
+            "--host",
+            str(HALVES / "host.yaml"),
+            "--collaborator",
+            str(HALVES / "collaborator.yaml"),
+            "--task-id",
+            "halves",
+            "--workdir",
+            str(workdir),
+            "--host-arg=--trainer.max_epochs=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        cwd=tmp_path,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "simulate: a host and 1 collaborator(s)" in out
+    assert any(line.startswith("[host          ] ") for line in out.splitlines()), out
+    assert "1200 common IDs (960 train, 240 test)" in out  # the PSI of the two ID ranges
+    assert "test_acc" in out and "collaborator-1: ok" in out
+    assert (workdir / "host" / "lightning_logs").is_dir()
+
+
+def test_simulate_refuses_mixed_or_missing_options(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "lightning_fed.cli", "simulate", "--workdir", str(tmp_path)]
+    mixed = subprocess.run(
+        [*base, "--host", "h.yaml", "--collaborator", "c.yaml", "--clients", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert mixed.returncode == 2 and "none of --aggregator/--client/--clients" in mixed.stderr
+    missing = subprocess.run([*base, "--aggregator", "a.yaml"], capture_output=True, text=True)
+    assert (
+        missing.returncode == 2 and "takes --aggregator, --client and --clients" in missing.stderr
+    )
