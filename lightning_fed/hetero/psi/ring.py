@@ -43,14 +43,13 @@ from lightning_fed.hetero.psi.ecdh import (
     IdLike,
     InvalidPointError,
     PsiKey,
-    check_points,
     check_unique,
     hash_ids,
     members,
     point_set,
 )
 from lightning_fed.hetero.psi.session import Session
-from lightning_fed.hetero.psi.two_party import PsiError, PsiResult
+from lightning_fed.hetero.psi.two_party import PsiError, PsiResult, points_of
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +118,6 @@ def _hops(msg: Message, state: _State) -> int:
     return hops
 
 
-def _points(msg: Message) -> np.ndarray:
-    tensor = msg.tensors.get("points")
-    if tensor is None or tensor.dtype != torch.uint8:
-        raise InvalidPointError(f"{msg.kind} from {msg.sender!r} has no uint8 'points' tensor")
-    return check_points(tensor.numpy(), f"{msg.kind} from {msg.sender!r}")
-
-
 def _send(
     channel: Channel, kind: str, state: _State, to: str, points: np.ndarray, **body: int
 ) -> None:
@@ -188,7 +180,7 @@ def intersect_ring(
             if msg.body.get("session") != session.id:
                 log.info("psi %s: ignored %s of an earlier run", channel.node_id, msg.kind)
                 continue
-            points = _points(msg)
+            points = points_of(msg)
             received += points.nbytes
             if msg.kind == COMPARE:
                 owner, hops = _owner(msg, st), _hops(msg, st)

@@ -69,11 +69,12 @@ class PsiResult:
     """The run's id agreed in the handshake (empty from :func:`intersect` alone)."""
 
 
-def _points_of(msg: Message, what: str) -> np.ndarray:
+def points_of(msg: Message) -> np.ndarray:
+    """The checked ``(n, 32)`` points a PSI message carries, or InvalidPointError."""
     tensor = msg.tensors.get("points")
     if tensor is None or tensor.dtype != torch.uint8:
-        raise InvalidPointError(f"{what} from {msg.sender!r} has no uint8 'points' tensor")
-    return check_points(tensor.numpy(), f"{what} from {msg.sender!r}")
+        raise InvalidPointError(f"{msg.kind} from {msg.sender!r} has no uint8 'points' tensor")
+    return check_points(tensor.numpy(), f"{msg.kind} from {msg.sender!r}")
 
 
 def _nonce(msg: Message, field: str) -> str:
@@ -130,7 +131,7 @@ def intersect(
             if left <= 0:
                 raise ChannelTimeoutError("psi", [peer], timeout)
             msg = channel.receive([BLINDED, DOUBLE], sender=peer, timeout=left)
-            points = _points_of(msg, msg.kind)
+            points = points_of(msg)
             received += points.nbytes
             if msg.kind == BLINDED:
                 their_nonce = _nonce(msg, "nonce")
