@@ -16,7 +16,7 @@ kind, sender and round, always with a deadline::
 See docs/channel.md for the storage layout, guarantees and security properties.
 """
 
-from lightning_fed.channel.channel import Channel, Message, Rejection
+from lightning_fed.channel.channel import Channel, Message, Rejection, Traffic
 from lightning_fed.channel.envelope import MAX_BODY_BYTES
 from lightning_fed.channel.errors import (
     BlobIntegrityError,
@@ -47,6 +47,7 @@ __all__ = [
     "StorageError",
     "Store",
     "TaskConfig",
+    "Traffic",
     "inspect_task",
     "remove_task",
     "validate_name",

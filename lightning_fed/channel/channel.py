@@ -58,6 +58,23 @@ POLL_MAX_REMOTE = 0.2
 Selector = str | Collection[str] | None
 
 
+@dataclass
+class Traffic:
+    """What a channel has moved so far: sealed envelopes and tensor blobs, in bytes.
+
+    A blob sent to several recipients is stored, and counted, once.
+    """
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+
+    def copy(self) -> Traffic:
+        """A snapshot, for differences over a span of work."""
+        return Traffic(**vars(self))
+
+
 @dataclass(frozen=True)
 class Message:
     """A delivered message: authentic, for this node, with verified tensors."""
@@ -153,6 +170,7 @@ class Channel:
         self._poll_max = poll_max
         self.max_blob_bytes = max_blob_bytes
         self.rejections: list[Rejection] = []
+        self.traffic = Traffic()
         self._store: Store | None = None
         self._seq = 0
         self._last_seq: dict[str, int] = {}
@@ -272,6 +290,7 @@ class Channel:
                 digest.feed_all(encoded.chunks)  # hashed on another core while written
                 store.publish(self._task_key(path), encoded.chunks)
                 blob = BlobRef(path, digest.hexdigest(), encoded.size)
+            self.traffic.bytes_sent += encoded.size
         keys = []
         sent_at = time.time()
         for recipient in recipients:
@@ -287,8 +306,11 @@ class Channel:
                 blob=blob,
             )
             key = self._envelope_key(recipient, self.node_id, seq, kind)
-            store.publish(key, seal(env, self.identity))
+            sealed = seal(env, self.identity)
+            store.publish(key, sealed)
+            self.traffic.bytes_sent += len(sealed)
             keys.append(key)
+        self.traffic.messages_sent += 1
         self._sent[seq] = (None if blob is None else self._task_key(blob.path), keys)
         return seq
 
@@ -493,6 +515,8 @@ class Channel:
             self._reject(key, "references a blob that its sender did not store")
         else:
             self._last_seq[env.sender] = env.seq
+            self.traffic.messages_received += 1
+            self.traffic.bytes_received += len(data)
             self._pending.setdefault(env.sender, []).append((env, key))
             self._known.add(key)
 
@@ -594,6 +618,7 @@ class Channel:
                 raise fail(f"blob {ref.path!r} {exc} (truncated or replaced)") from None
             if digest.hexdigest() != ref.sha256:
                 raise fail(f"blob {ref.path!r} does not match its SHA-256 (corrupted)")
+        self.traffic.bytes_received += ref.size
         try:
             return decode_tensors(buffer)
         except Exception as exc:  # any malformed header of a signed blob is the sender's fault

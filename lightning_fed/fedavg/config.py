@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,23 +9,9 @@ from typing import Literal
 
 from lightning_fed.channel.names import validate_name
 from lightning_fed.fedavg.selection import participants_per_round
+from lightning_fed.validation import positive_int, seconds
 
 Role = Literal["client", "aggregator"]
-
-
-def _positive_int(name: str, value: object, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise ValueError(
-            f"{name} must be a finite number of seconds > 0, got {value!r}; every wait in a "
-            "federation has a deadline"
-        )
-    return float(value)
 
 
 def resolve_role(role: str | None, is_initiator: bool | None) -> Role:
@@ -71,19 +56,19 @@ class FedAvgConfig:
 
     def __post_init__(self) -> None:
         if self.clients is not None:
-            _positive_int("clients", self.clients)
-        _positive_int("rounds", self.rounds)
+            positive_int("clients", self.clients)
+        positive_int("rounds", self.rounds)
         if self.local_epochs is not None and self.local_steps is not None:
             raise ValueError(
                 f"give local_epochs ({self.local_epochs!r}) or local_steps "
                 f"({self.local_steps!r}), not both: a round is counted in one unit"
             )
         if self.local_epochs is not None:
-            _positive_int("local_epochs", self.local_epochs)
+            positive_int("local_epochs", self.local_epochs)
         if self.local_steps is not None:
-            _positive_int("local_steps", self.local_steps)
-        _positive_int("min_clients", self.min_clients)
-        _positive_int("log_rounds", self.log_rounds)
+            positive_int("local_steps", self.local_steps)
+        positive_int("min_clients", self.min_clients)
+        positive_int("log_rounds", self.log_rounds)
         if self.clients is not None and self.min_clients > self.clients:
             raise ValueError(
                 f"min_clients={self.min_clients} exceeds clients={self.clients}; no round "
@@ -106,8 +91,8 @@ class FedAvgConfig:
                 f"clients_per_round={per} is below min_clients={self.min_clients}, so every "
                 "round would fail; hint: sample more clients or lower min_clients"
             )
-        _seconds("calculation_timeout", self.calculation_timeout)
-        _seconds("schedule_timeout", self.schedule_timeout)
+        seconds("calculation_timeout", self.calculation_timeout)
+        seconds("schedule_timeout", self.schedule_timeout)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if (

@@ -25,14 +25,15 @@ from lightning_fed.fedavg.aggregate import TensorSpec, spec_of
 from lightning_fed.fedavg.aggregator import AggregatorRole
 from lightning_fed.fedavg.client import ClientRole, Instruction
 from lightning_fed.fedavg.errors import FedAvgError
-from lightning_fed.fedavg.outputs import (
+from lightning_fed.fedavg.selection import federated_names
+from lightning_fed.fedavg.weights import copy_state, federated_state, load_state
+from lightning_fed.outputs import (
     save_report,
     save_weights,
     scalar_metrics,
     temporary_sibling,
 )
-from lightning_fed.fedavg.selection import federated_names
-from lightning_fed.fedavg.weights import copy_state, federated_state, load_state
+from lightning_fed.trainer_access import restore_during_setup
 
 if TYPE_CHECKING:
     from lightning_fed.fedavg.strategy import FedAvgStrategy
@@ -109,7 +110,7 @@ class AggregatorHooks(_RoleHooks):
             log.info("aggregator: no recovery checkpoint at %s; starting at round 1", path)
             return
         # Lightning restores the optimizers and loop counters right after setup().
-        trainer._checkpoint_connector._restore_modules_and_callbacks(str(path))
+        restore_during_setup(trainer, path)
         log.warning(
             "aggregator: recovered from %s; resuming after round %d", path, self.resumed_after
         )

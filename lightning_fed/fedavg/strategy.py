@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
@@ -30,16 +30,11 @@ from lightning_fed.fedavg.client import ClientRole
 from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.hooks import AggregatorHooks, ClientHooks
-from lightning_fed.fedavg.outputs import save_report, scalar_metrics
 from lightning_fed.fedavg.progress import RoundProgressBar
+from lightning_fed.outputs import save_report, scalar_metrics
+from lightning_fed.trainer_access import callbacks_of
 
 log = logging.getLogger(__name__)
-
-
-def _callbacks(trainer: pl.Trainer) -> list[Callback]:
-    """The Trainer's callback list (an attribute its type stubs do not declare)."""
-    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
-    return callbacks
 
 
 class _RoundTicks:
@@ -244,7 +239,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
             trainer.fit_loop.min_epochs = 0
         self._hooks = hooks
         self._trainer = trainer
-        _callbacks(trainer).append(hooks)
+        callbacks_of(trainer).append(hooks)
         if self.role == "aggregator" and self.config.recovery:
             assert isinstance(hooks, AggregatorHooks)
             hooks.restore_if_possible(trainer)
@@ -258,11 +253,11 @@ class FedAvgStrategy(SingleDeviceStrategy):
         trainer.check_val_every_n_epoch = self.config.log_rounds
         trainer.log_every_n_steps = 1  # type: ignore[attr-defined]
         # Lightning's default bar counts batches per epoch; show one bar over the rounds.
-        for i, cb in enumerate(_callbacks(trainer)):
+        for i, cb in enumerate(callbacks_of(trainer)):
             if type(cb) is TQDMProgressBar:
                 bar = RoundProgressBar(self.config.rounds, refresh_rate=cb.refresh_rate, leave=True)
                 bar.setup(trainer, self.lightning_module, "fit")  # type: ignore[arg-type]  # callbacks' setup already ran
-                _callbacks(trainer)[i] = bar
+                callbacks_of(trainer)[i] = bar
 
     def _open_channel(self, trainer: pl.Trainer) -> Channel:
         if isinstance(self._channel_arg, Channel):
@@ -378,8 +373,8 @@ class FedAvgStrategy(SingleDeviceStrategy):
     @override
     def teardown(self) -> None:
         trainer, hooks = self._trainer, self._hooks
-        if hooks is not None and trainer is not None and hooks in _callbacks(trainer):
-            _callbacks(trainer).remove(hooks)
+        if hooks is not None and trainer is not None and hooks in callbacks_of(trainer):
+            callbacks_of(trainer).remove(hooks)
         self._hooks, self._trainer = None, None
         if self._channel is not None:
             self._channel.close()

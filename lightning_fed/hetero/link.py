@@ -5,8 +5,15 @@ feature tensor for the batch (``features``, round ``s``), tagged with the batch'
 ID digest and its ``feature_key``; the host checks each one against its own batch
 and, after its backward pass, sends each collaborator the gradient of its tensor
 (``gradient``, round ``s``). For evaluation a collaborator sends all its batches'
-features in one message (``eval-features``), saving round trips. At every epoch's
-end the host tells the collaborators whether to go on (``epoch``).
+features in one message (``eval-features``), saving round trips. At the start of
+the next epoch, or when training ends, the host tells the collaborators whether to go
+on (``epoch``); a stop may also come in place of a gradient when the host stops mid
+epoch (``max_steps``, ``max_time``).
+
+Before training, every collaborator offers the host its context (batch size, split
+sizes, recovery checkpoints: ``hetero-offer``) and the host answers with the plan
+every party follows (the epoch to resume after, the validation schedule:
+``hetero-plan``).
 
 Every message carries the run's ``session`` id; one from another run is dropped.
 Every wait has a deadline, and a timeout or a bad tensor is a :class:`HeteroError`
@@ -18,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -27,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FEATURES, GRADIENT, EVAL_FEATURES, EPOCH = "features", "gradient", "eval-features", "epoch"
 ABORT = "abort"
+OFFER, PLAN = "hetero-offer", "hetero-plan"
 
 
 class HeteroError(RuntimeError):
@@ -58,11 +67,47 @@ def check_tensor(
     return tensor
 
 
-class _Link:
+@dataclass(frozen=True)
+class Offer:
+    """What a party brings to the start of training: its batching and its checkpoints."""
+
+    batch_size: int
+    train_size: int
+    test_size: int
+    checkpoints: list[int] = field(default_factory=list)
+    """Epochs after which this party holds a recovery checkpoint (empty without recovery)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the host decides for every party before training."""
+
+    resume_epoch: int | None
+    """Resume after this completed epoch (every party holds its checkpoint), or None."""
+    check_val_every_n_epoch: int | None
+    """The host's validation schedule, which collaborators follow."""
+
+
+def common_checkpoint(offers: Sequence[Offer]) -> int | None:
+    """The last epoch whose checkpoint every party holds, or None."""
+    common = set(offers[0].checkpoints) if offers else set()
+    for offer in offers[1:]:
+        common &= set(offer.checkpoints)
+    return max(common) if common else None
+
+
+class Link:
+    """What both sides share: session-bound sends, deadlines on receives, aborts.
+
+    ``seconds`` adds up the time spent in the exchange (sending, and waiting for and
+    reading the other parties' messages), for the per-epoch report.
+    """
+
     def __init__(self, channel: Channel, session: str, timeout: float) -> None:
         self.channel = channel
         self.session = session
         self.timeout = timeout
+        self.seconds = 0.0
 
     def _send(
         self,
@@ -72,19 +117,37 @@ class _Link:
         body: Mapping[str, object],
         tensors: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
+        start = time.perf_counter()
         payload = {"session": self.session, **body}
         detached = None if tensors is None else {k: v.detach().cpu() for k, v in tensors.items()}
         self.channel.send(kind, payload, to=to, round=step, tensors=detached)
+        self.seconds += time.perf_counter() - start
 
-    def _receive(self, kind: str, sender: str | list[str], step: int, what: str) -> Message:
-        """The next ``kind`` message of round ``step`` from ``sender``, or an abort."""
+    def _receive(
+        self, kind: str, sender: str | list[str], step: int, what: str, *, stop: bool = False
+    ) -> Message:
+        """The next ``kind`` message of round ``step`` from ``sender``, or an abort.
+
+        With ``stop``, a stop word of the host (an ``epoch`` message that stops
+        training) is returned too, whatever its round.
+        """
+        start = time.perf_counter()
+        try:
+            return self._wait(kind, sender, step, what, stop)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _wait(
+        self, kind: str, sender: str | list[str], step: int, what: str, stop: bool
+    ) -> Message:
+        kinds = [kind, ABORT, EPOCH] if stop else [kind, ABORT]
         deadline = time.monotonic() + self.timeout
         while True:
             left = deadline - time.monotonic()
             try:
                 if left <= 0:
                     raise ChannelTimeoutError(what, [], self.timeout)
-                msg = self.channel.receive([kind, ABORT], sender=sender, timeout=left)
+                msg = self.channel.receive(kinds, sender=sender, timeout=left)
             except ChannelTimeoutError:
                 who = sender if isinstance(sender, str) else ", ".join(sender)
                 raise HeteroError(
@@ -102,6 +165,10 @@ class _Link:
                 raise HeteroError(
                     f"{msg.sender} stopped the run: {msg.body.get('reason', 'no reason given')}"
                 )
+            if msg.kind != kind:  # a word of the host's (stop is set)
+                if msg.body.get("stop"):
+                    return msg
+                continue  # an earlier epoch's word to go on, already acted upon
             if msg.round < step:
                 log.info("%s: dropped a late %s of round %d", self.channel.node_id, kind, msg.round)
                 continue
@@ -119,7 +186,7 @@ class _Link:
             self.channel.send(ABORT, body, to=list(peers))
 
 
-class HostLink(_Link):
+class HostLink(Link):
     """The host's side: gather features, scatter gradients, lead the epochs.
 
     Each collaborator names its ``feature_key`` in its messages; the host keys the
@@ -221,12 +288,41 @@ class HostLink(_Link):
                 )
         return per_batch
 
+    def plan(self, own: Offer, check_val_every_n_epoch: int | None) -> Plan:
+        """Check every collaborator's offer against the host's and send them the plan."""
+        offers = [own]
+        for node in self.collaborators:
+            msg = self._receive(OFFER, node, 0, "context (batch size, split, checkpoints)")
+            try:
+                offer = Offer(**msg.body["offer"])
+            except (KeyError, TypeError) as exc:
+                raise HeteroError(f"collaborator {node!r} sent a malformed offer: {exc}") from None
+            for name in ("batch_size", "train_size", "test_size"):
+                theirs, ours = getattr(offer, name), getattr(own, name)
+                if theirs != ours:
+                    raise HeteroError(
+                        f"collaborator {node!r} has {name}={theirs}, the host {ours}: every "
+                        "party must batch and split the common IDs alike; hint: use the same "
+                        "batch_size, test_fraction and seed (or split_dataset) on every party"
+                    )
+            offers.append(offer)
+        resume = common_checkpoint(offers)
+        if own.checkpoints and resume is None:
+            log.warning(
+                "host: not every party holds a checkpoint of the same epoch (host: %s); "
+                "training starts over",
+                own.checkpoints,
+            )
+        plan = Plan(resume, check_val_every_n_epoch)
+        self._send(PLAN, self.collaborators, 0, {"plan": asdict(plan)})
+        return plan
+
     def announce(self, epoch: int, stop: bool) -> None:
         """Tell every collaborator that ``epoch`` ended and whether training stops."""
         self._send(EPOCH, self.collaborators, epoch, {"stop": bool(stop)})
 
 
-class CollaboratorLink(_Link):
+class CollaboratorLink(Link):
     """A collaborator's side: send features, receive their gradient, follow the epochs."""
 
     def __init__(
@@ -235,15 +331,31 @@ class CollaboratorLink(_Link):
         super().__init__(channel, session, timeout)
         self.host = host
         self.feature_key = feature_key
+        self.stopped = False  # the host stopped training mid epoch
+
+    def plan(self, own: Offer) -> Plan:
+        """Offer the host this party's context and follow the plan it sends back."""
+        self._send(OFFER, self.host, 0, {"offer": asdict(own)})
+        msg = self._receive(PLAN, self.host, 0, "plan")
+        try:
+            return Plan(**msg.body["plan"])
+        except (KeyError, TypeError) as exc:
+            raise HeteroError(f"the host sent a malformed plan: {exc}") from None
 
     def send(self, step: int, digest: str, features: torch.Tensor) -> None:
         """Send this batch's features to the host."""
         body = {"digest": digest, "key": self.feature_key}
         self._send(FEATURES, self.host, step, body, {"z": features})
 
-    def gradient(self, step: int, digest: str, like: torch.Tensor) -> torch.Tensor:
-        """The gradient of this batch's features, checked against their shape."""
-        msg = self._receive(GRADIENT, self.host, step, "gradient")
+    def gradient(self, step: int, digest: str, like: torch.Tensor) -> torch.Tensor | None:
+        """The gradient of this batch's features, checked against their shape.
+
+        None when the host stopped training instead (mid epoch: ``max_steps``, ``max_time``).
+        """
+        msg = self._receive(GRADIENT, self.host, step, "gradient", stop=True)
+        if msg.kind == EPOCH:
+            self.stopped = True
+            return None
         if msg.body.get("digest") != digest:
             raise HeteroError(
                 f"the host sent the gradient of batch {_short(str(msg.body.get('digest')))} for "
@@ -269,5 +381,5 @@ class CollaboratorLink(_Link):
 
     def epoch_ended(self, epoch: int) -> bool:
         """Wait for the host's word on ``epoch``; True if training stops."""
-        msg = self._receive(EPOCH, self.host, epoch, "end-of-epoch word")
+        msg = self._receive(EPOCH, self.host, epoch, "word to go on after the epoch")
         return bool(msg.body.get("stop", False))

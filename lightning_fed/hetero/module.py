@@ -135,6 +135,9 @@ class HeteroNNModule(pl.LightningModule):
             z = self.forward_features(batch.data)
             link.send(step, digest, z)
             grad = link.gradient(step, digest, like=z)
+            if grad is None:  # the host stopped mid epoch
+                self.trainer.should_stop = True
+                return None
             if not self.is_feature_trainable:
                 return None  # Lightning skips backward and the optimizer step
             return (z * grad).sum()  # its gradient with respect to z is the host's gradient
@@ -214,14 +217,3 @@ class HeteroNNModule(pl.LightningModule):
     @override
     def on_test_epoch_end(self) -> None:
         self._on_eval_end()
-
-    # -- epochs -------------------------------------------------------------------------
-    @override
-    def on_train_epoch_end(self) -> None:
-        trainer = self.trainer
-        epoch = self.current_epoch
-        if self.is_host:
-            last = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch + 1
-            self._host_link().announce(epoch, stop=trainer.should_stop or last)
-        elif self._collaborator_link().epoch_ended(epoch):
-            trainer.should_stop = True

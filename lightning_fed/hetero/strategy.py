@@ -5,7 +5,10 @@ in this process) the strategy opens the channel, aligns the party's
 :class:`~lightning_fed.hetero.data.HeteroDataModule` by private set intersection
 with the other parties, and connects the
 :class:`~lightning_fed.hetero.module.HeteroNNModule` to the per-batch exchange.
-The host's Trainer decides the epochs and when to stop; a collaborator's follows.
+The host's Trainer decides the epochs, the validation schedule and when to stop;
+a collaborator's follows. With ``recovery=True`` every party checkpoints each
+completed epoch, and a restart of all parties resumes after the last epoch whose
+checkpoint every party holds.
 """
 
 from __future__ import annotations
@@ -19,14 +22,19 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_fed.channel import Channel
 from lightning_fed.channel.credentials import load_credentials
 from lightning_fed.hetero.data import HeteroDataModule
-from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink, _Link
+from lightning_fed.hetero.hooks import HeteroHooks
+from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink, Link, Offer
 from lightning_fed.hetero.module import HeteroNNModule
 from lightning_fed.hetero.psi import private_intersection
+from lightning_fed.hetero.recovery import checkpoint_path, ids_digest, saved_epochs
+from lightning_fed.trainer_access import callbacks_of, restore_during_setup
+from lightning_fed.validation import positive_int, seconds
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,15 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         calculation_timeout: seconds to wait for any one message of a batch.
         schedule_timeout: seconds for the alignment (handshake and intersection).
         psi_workers: processes that blind IDs (default: the machine's cores).
+        log_rounds: host: validate (and log validation metrics) every ``log_rounds``
+            epochs, as the seed's ``log_rounds``; None keeps the Trainer's
+            ``check_val_every_n_epoch``. Collaborators follow the host's schedule.
+        recovery: checkpoint every completed epoch in ``state_dir`` and, when all
+            parties restart with recovery on, resume after the last epoch whose
+            checkpoint every party holds.
+        state_dir: where recovery checkpoints live (default:
+            ``<default_root_dir>/heteronn/<task_id>/<node_id>/state``).
+        output_dir: where ``report.json`` goes (default: that folder's parent).
     """
 
     strategy_name = "heteronn"
@@ -78,6 +95,10 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         calculation_timeout: float = 300.0,
         schedule_timeout: float = 600.0,
         psi_workers: int | None = None,
+        log_rounds: int | None = None,
+        recovery: bool = False,
+        state_dir: str | os.PathLike[str] | None = None,
+        output_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(device="cpu")
         self.parallel_devices: list[torch.device] | None = None  # set by the Trainer
@@ -87,16 +108,15 @@ class HeteroNNStrategy(SingleDeviceStrategy):
             raise ValueError("the host needs collaborators=[...]: the other parties' node ids")
         if role == "collaborator" and not host:
             raise ValueError("a collaborator needs host=...: the host's node id")
-        for name, value in (
-            ("calculation_timeout", calculation_timeout),
-            ("schedule_timeout", schedule_timeout),
-        ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not 0 < value < float("inf")
-            ):
-                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        self.calculation_timeout = seconds("calculation_timeout", calculation_timeout)
+        self.schedule_timeout = seconds("schedule_timeout", schedule_timeout)
+        if log_rounds is not None:
+            positive_int("log_rounds", log_rounds)
+            if role != "host":
+                raise ValueError(
+                    f"log_rounds={log_rounds} is the host's setting; a collaborator follows the "
+                    "host's validation schedule; hint: leave it out on collaborators"
+                )
         if isinstance(channel, Channel):
             task_id, node_id = channel.task.task_id, channel.node_id
         elif not task_id or not node_id:
@@ -109,11 +129,31 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         self.task_config_path = Path(task_config) if task_config else self.keys / "task.json"
         self.key_path = Path(key_file) if key_file else self.keys / f"{node_id}.key"
         self.storage_options = dict(storage_options or {})
-        self.calculation_timeout = float(calculation_timeout)
-        self.schedule_timeout = float(schedule_timeout)
         self.psi_workers = psi_workers
+        self.log_rounds = log_rounds
+        self.recovery = bool(recovery)
+        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self._output_dir = Path(output_dir) if output_dir is not None else None
         self._channel: Channel | None = None
         self._session: str | None = None
+        self._alignment: dict[str, Any] = {}
+        self._hooks: HeteroHooks | None = None
+
+    def _party_dir(self, trainer: pl.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "heteronn" / self.task_id / self.node_id
+
+    def state_dir(self, trainer: pl.Trainer) -> Path:
+        """Where this party's recovery checkpoints live."""
+        return self._state_dir or self._party_dir(trainer) / "state"
+
+    def output_dir(self, trainer: pl.Trainer) -> Path:
+        """Where this party writes ``report.json``."""
+        return self._output_dir or self._party_dir(trainer)
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        """This party's report so far (alignment, epochs, metrics, traffic), if it ran."""
+        return None if self._hooks is None else self._hooks.report()
 
     @property
     @override
@@ -156,24 +196,84 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         if self.role == "collaborator":
             trainer.fit_loop.max_epochs = -1  # the host decides
             trainer.fit_loop.min_epochs = 0
+        elif self.log_rounds is not None:
+            trainer.check_val_every_n_epoch = self.log_rounds
         channel = self._open_channel()
         if self._session is None or data.train_ids is None:
             self._align(channel, data)
+        assert self._session is not None and data.train_ids is not None
+        link = self._link(channel, module)
+        hooks = self._install_hooks(trainer, link, data)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._agree_and_resume(trainer, link, hooks, data)
+        module.connect(link)
+
+    def _link(self, channel: Channel, module: HeteroNNModule) -> HostLink | CollaboratorLink:
         assert self._session is not None
         if self.role == "host":
-            link: HostLink | CollaboratorLink = HostLink(
+            return HostLink(
                 channel,
                 self.collaborators,
                 module.feature_key,
                 self._session,
                 self.calculation_timeout,
             )
+        assert self.host is not None
+        return CollaboratorLink(
+            channel, self.host, module.feature_key, self._session, self.calculation_timeout
+        )
+
+    def _install_hooks(
+        self, trainer: pl.Trainer, link: HostLink | CollaboratorLink, data: HeteroDataModule
+    ) -> HeteroHooks:
+        callbacks = callbacks_of(trainer)
+        if self._hooks is not None and self._hooks in callbacks:
+            self._hooks.link = link  # test after fit: the same report goes on
+            return self._hooks
+        assert data.train_ids is not None and data.test_ids is not None
+        self._hooks = HeteroHooks(
+            link,
+            task_id=self.task_id,
+            ids_digest=ids_digest([*data.train_ids, *data.test_ids]),
+            state_dir=self.state_dir(trainer) if self.recovery else None,
+            output_dir=self.output_dir(trainer),
+            alignment=self._alignment,
+        )
+        callbacks.append(self._hooks)
+        return self._hooks
+
+    def _agree_and_resume(
+        self,
+        trainer: pl.Trainer,
+        link: HostLink | CollaboratorLink,
+        hooks: HeteroHooks,
+        data: HeteroDataModule,
+    ) -> None:
+        """Exchange offers and the plan; restore the agreed checkpoint, if any."""
+        assert data.train_ids is not None and data.test_ids is not None
+        state_dir = self.state_dir(trainer)
+        offer = Offer(
+            batch_size=data.batch_size,
+            train_size=len(data.train_ids),
+            test_size=len(data.test_ids),
+            checkpoints=saved_epochs(state_dir) if self.recovery else [],
+        )
+        if isinstance(link, HostLink):
+            plan = link.plan(offer, trainer.check_val_every_n_epoch)
         else:
-            assert self.host is not None
-            link = CollaboratorLink(
-                channel, self.host, module.feature_key, self._session, self.calculation_timeout
-            )
-        module.connect(link)
+            plan = link.plan(offer)
+            trainer.check_val_every_n_epoch = plan.check_val_every_n_epoch
+        if plan.resume_epoch is None:
+            return
+        path = checkpoint_path(state_dir, plan.resume_epoch)
+        restore_during_setup(trainer, path)
+        log.warning(
+            "%s %s: recovered from %s; resuming after epoch %d",
+            self.role,
+            self.node_id,
+            path,
+            plan.resume_epoch,
+        )
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -182,7 +282,7 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         if self._channel is None or self._session is None:
             return
         peers = self.collaborators if self.role == "host" else [self.host or ""]
-        link = _Link(self._channel, self._session, self.calculation_timeout)
+        link = Link(self._channel, self._session, self.calculation_timeout)
         try:
             link.abort([p for p in peers if p], f"{type(exception).__name__}: {exception}")
         except Exception as exc:  # never hide the original failure
@@ -205,6 +305,13 @@ class HeteroNNStrategy(SingleDeviceStrategy):
             )
         data.align(result.ids)
         self._session = result.session
+        self._alignment = {
+            "local_ids": len(data.local_ids()),
+            "common_ids": len(result.ids),
+            "train_ids": len(data.train_ids or []),
+            "test_ids": len(data.test_ids or []),
+            "psi_seconds": result.seconds,
+        }
         log.info(
             "%s %s: %d common IDs (%d train, %d test)",
             self.role,

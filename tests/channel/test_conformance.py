@@ -79,6 +79,25 @@ def test_broadcast_reaches_every_peer_and_stores_blob_once(
     assert fed.channel(backend, "agg").poll() == []  # the sender does not get its own broadcast
 
 
+def test_traffic_counts_what_was_stored_and_read(backend: Backend, fed: Federation) -> None:
+    agg, c1, c2 = (fed.channel(backend, n) for n in ("agg", "c1", "c2"))
+    w = torch.ones(1000)  # 4,000 bytes of data; the blob adds a small safetensors header
+    agg.send("weights", {"r": 1}, round=1, tensors={"w": w})  # to both clients, stored once
+    sent = agg.traffic
+    assert sent.messages_sent == 1 and sent.messages_received == 0
+    assert 4000 < sent.bytes_sent < 4000 + 2 * 4096  # one blob, two small envelopes
+    got = c1.receive("weights", timeout=10)
+    assert torch.equal(got.tensors["w"], w)
+    assert c1.traffic.messages_received == 1
+    c2.receive("weights", timeout=10)
+    # every byte the sender stored was read once by a recipient (each read the blob)
+    assert c1.traffic.bytes_received + c2.traffic.bytes_received > sent.bytes_sent
+    assert c1.traffic.bytes_received == c2.traffic.bytes_received
+    before = c1.traffic.copy()
+    c1.send("hello", {}, to="agg")
+    assert c1.traffic.messages_sent == before.messages_sent + 1 and before.messages_sent == 0
+
+
 def test_filters_leave_other_messages_pending(backend: Backend, fed: Federation) -> None:
     c1, c2, agg = (fed.channel(backend, n) for n in ("c1", "c2", "agg"))
     c1.send("update", {"i": 1}, to="agg", round=1)

@@ -103,6 +103,10 @@ def run_party(
         calculation_timeout=opts.get("calculation_timeout", 60),
         schedule_timeout=60,
         psi_workers=1,
+        recovery=opts.get("recovery", False),
+        state_dir=str(Path(root) / node / "state"),
+        output_dir=str(Path(root) / node),
+        log_rounds=opts.get("log_rounds") if role == "host" else None,
     )
     trainer = L.Trainer(
         strategy=strategy,
@@ -114,8 +118,10 @@ def run_party(
         deterministic=True,
     )
     model = Party(node, faults=opts.get("faults", {}).get(node))
+    model.is_feature_trainable = node not in opts.get("frozen", ())
     batch_size = opts.get("batch_sizes", {}).get(node, 8)
-    data = Data(node, *ranges[node], batch_size=batch_size, test_fraction=0.2)
+    seed = opts.get("seeds", {}).get(node, 0)
+    data = Data(node, *ranges[node], batch_size=batch_size, test_fraction=0.2, seed=seed)
     try:
         trainer.fit(model, datamodule=data)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -123,7 +129,12 @@ def run_party(
             tested = trainer.test(model, datamodule=data, verbose=False)
             if role == "host":
                 metrics.update(tested[0])
-        saved = {"state": model.state_dict(), "train_ids": data.train_ids, "metrics": metrics}
+        saved = {
+            "state": model.state_dict(),
+            "train_ids": data.train_ids,
+            "metrics": metrics,
+            "report": strategy.report,
+        }
         torch.save(saved, Path(root) / f"{node}.pt")
     except Exception as exc:
         logging.getLogger("party").exception("FAILED")
@@ -134,10 +145,14 @@ def run_party(
 class Composed(L.LightningModule):
     """Every party's feature model, the sum fusion and the inference model, in one module."""
 
-    def __init__(self, nodes: list[str], lr: float = 0.1, momentum: float = 0.9) -> None:
+    def __init__(
+        self, nodes: list[str], lr: float = 0.1, momentum: float = 0.9, frozen: Any = ()
+    ) -> None:
         super().__init__()
         self.nodes = nodes
         self.features = nn.ModuleDict({n: feature_model(n) for n in nodes})
+        for n in frozen:
+            self.features[n].requires_grad_(False)
         self.inference = inference_model()
         self.lr, self.momentum = lr, momentum
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ CTX = mp.get_context("spawn")
 
 def run(root: Path, ranges: dict[str, Any], timeout: float = 240, **opts: Any) -> dict[str, Any]:
     nodes = list(ranges)
-    make_keys(root, "t", nodes)
+    if not (root / "keys").exists():  # a restart reuses the first run's keys
+        make_keys(root, "t", nodes)
     procs = {
         n: CTX.Process(target=parties.run_party, args=(str(root), n, nodes, ranges, opts))
         for n in nodes
@@ -36,8 +38,10 @@ def run(root: Path, ranges: dict[str, Any], timeout: float = 240, **opts: Any) -
     return {n: p.exitcode for n, p in procs.items()}
 
 
-def central(nodes: list[str], train_ids: list[int], epochs: int, batch_size: int) -> Any:
-    model = parties.Composed(nodes)
+def central(
+    nodes: list[str], train_ids: list[int], epochs: int, batch_size: int, frozen: Any = ()
+) -> Any:
+    model = parties.Composed(nodes, frozen=frozen)
     loader = DataLoader(
         parties.composed_batches(nodes, train_ids, epochs, batch_size), batch_size=None
     )
@@ -53,6 +57,34 @@ def central(nodes: list[str], train_ids: list[int], epochs: int, batch_size: int
     return model
 
 
+def errors_of(root: Path, nodes: list[str]) -> dict[str, str]:
+    return {n: error_of(root, n) for n in nodes if error_of(root, n)}
+
+
+def load_saved(root: Path, nodes: list[str]) -> dict[str, Any]:
+    return {n: torch.load(root / f"{n}.pt", weights_only=False) for n in nodes}
+
+
+def part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def assert_equals_composed(
+    saved: dict[str, Any], nodes: list[str], epochs: int, frozen: Any = ()
+) -> None:
+    """Every party's weights equal the composed model's, trained centrally in the same order."""
+    train_ids = saved["host"]["train_ids"]
+    assert all(saved[n]["train_ids"] == train_ids for n in nodes)  # the same split everywhere
+    composed = central(nodes, train_ids, epochs=epochs, batch_size=8, frozen=frozen)
+    for n in nodes:
+        got = part(saved[n]["state"], "feature_model.")
+        for k, want in composed.features[n].state_dict().items():
+            torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+    host_inference = part(saved["host"]["state"], "inference_model.")
+    for k, v in composed.inference.state_dict().items():
+        torch.testing.assert_close(host_inference[k], v, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("collaborators", [1, 2])
 def test_split_learning_equals_the_composed_model_trained_centrally(
     tmp_path: Path, collaborators: int
@@ -61,33 +93,73 @@ def test_split_learning_equals_the_composed_model_trained_centrally(
     ranges = {"host": (0, 70), "c1": (10, 80), "c2": (5, 75)}
     nodes = ["host", "c1", "c2"][: collaborators + 1]
     codes = run(tmp_path, {n: ranges[n] for n in nodes})
-    errors = {
-        n: (tmp_path / f"{n}.error").read_text()
-        for n in nodes
-        if (tmp_path / f"{n}.error").exists()
-    }
-    assert codes == dict.fromkeys(nodes, 0), (codes, errors)
-    saved = {n: torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in nodes}
-    train_ids = saved["host"]["train_ids"]
-    assert all(saved[n]["train_ids"] == train_ids for n in nodes)  # the same split everywhere
-    assert len(train_ids) == 48  # 60 common IDs (10..69), 20% held out
-    composed = central(nodes, train_ids, epochs=3, batch_size=8)
+    assert codes == dict.fromkeys(nodes, 0), (codes, errors_of(tmp_path, nodes))
+    saved = load_saved(tmp_path, nodes)
+    assert len(saved["host"]["train_ids"]) == 48  # 60 common IDs (10..69), 20% held out
+    assert_equals_composed(saved, nodes, epochs=3)
+
+
+def test_a_frozen_collaborator_sends_features_and_keeps_its_weights(tmp_path: Path) -> None:
+    """is_feature_trainable=False on c1: c1 never changes; the rest trains as if c1 were fixed."""
+    nodes = ["host", "c1"]
+    codes = run(tmp_path, {"host": (0, 70), "c1": (10, 80)}, frozen=["c1"])
+    assert codes == dict.fromkeys(nodes, 0), (codes, errors_of(tmp_path, nodes))
+    saved = load_saved(tmp_path, nodes)
+    initial = parties.feature_model("c1").state_dict()
+    for k, v in part(saved["c1"]["state"], "feature_model.").items():
+        assert torch.equal(v, initial[k])
+    assert_equals_composed(saved, nodes, epochs=3, frozen=["c1"])
+    assert not torch.equal(  # the host did train
+        saved["host"]["state"]["feature_model.0.weight"],
+        parties.feature_model("host").state_dict()["0.weight"],
+    )
+
+
+@pytest.mark.parametrize("dies", ["c1", "host"])
+def test_after_a_crash_a_restart_with_recovery_resumes_and_ends_as_if_uninterrupted(
+    tmp_path: Path, dies: str
+) -> None:
+    """A party dies in epoch 2 (of 4); restarting both with recovery resumes after epoch 1.
+
+    6 batches per epoch: step 15 is the third batch of epoch 2. The restarted run's
+    final weights equal the composed model trained centrally for 4 epochs, so the
+    weights, the optimizers' momentum and the batch order were all restored.
+    """
+    nodes = ["host", "c1"]
+    ranges = {"host": (0, 70), "c1": (10, 80)}
+    opts: dict[str, Any] = {"epochs": 4, "recovery": True, "calculation_timeout": 8}
+    codes = run(tmp_path, ranges, **opts, faults={dies: {"die_at_step": 15}})
+    assert codes[dies] == -9 and codes["host" if dies == "c1" else "c1"] == 1
     for n in nodes:
-        got = {
-            k[len("feature_model.") :]: v
-            for k, v in saved[n]["state"].items()
-            if k.startswith("feature_model.")
-        }
-        want = composed.features[n].state_dict()
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
-    host_inference = {
-        k[len("inference_model.") :]: v
-        for k, v in saved["host"]["state"].items()
-        if k.startswith("inference_model.")
-    }
-    for k, v in composed.inference.state_dict().items():
-        torch.testing.assert_close(host_inference[k], v, rtol=1e-5, atol=1e-6)
+        assert sorted(p.name for p in (tmp_path / n / "state").iterdir()) == [
+            "epoch-000000.ckpt",
+            "epoch-000001.ckpt",
+        ]
+    codes = run(tmp_path, ranges, **opts)
+    assert codes == dict.fromkeys(nodes, 0), (codes, errors_of(tmp_path, nodes))
+    saved = load_saved(tmp_path, nodes)
+    for n in nodes:
+        report = saved[n]["report"]
+        assert report["resumed_after_epoch"] == 1
+        assert [e["epoch"] for e in report["epochs"]] == [0, 1, 2, 3]
+        assert json.loads((tmp_path / n / "report.json").read_text())["epochs"] == report["epochs"]
+        states = sorted(p.name for p in (tmp_path / n / "state").iterdir())
+        assert states == ["epoch-000002.ckpt", "epoch-000003.ckpt"]  # the last two are kept
+    assert_equals_composed(saved, nodes, epochs=4)
+
+
+def test_without_recovery_a_restart_starts_over(tmp_path: Path) -> None:
+    nodes = ["host", "c1"]
+    ranges = {"host": (0, 70), "c1": (10, 80)}
+    codes = run(
+        tmp_path, ranges, epochs=2, calculation_timeout=8, faults={"c1": {"die_at_step": 9}}
+    )
+    assert codes == {"host": 1, "c1": -9}
+    assert not (tmp_path / "c1" / "state").exists()
+    assert run(tmp_path, ranges, epochs=2) == dict.fromkeys(nodes, 0)
+    saved = load_saved(tmp_path, nodes)
+    assert saved["host"]["report"]["resumed_after_epoch"] is None
+    assert_equals_composed(saved, nodes, epochs=2)
 
 
 def error_of(root: Path, node: str) -> str:
@@ -126,8 +198,17 @@ def test_nan_features_stop_every_party_with_the_reason(tmp_path: Path) -> None:
 
 
 def test_misaligned_batches_are_named(tmp_path: Path) -> None:
+    """Another split seed: the same sizes, other batches; the first batch's digest differs."""
     ranges = {"host": (0, 70), "c1": (10, 80)}
-    codes = run(tmp_path, ranges, calculation_timeout=30, batch_sizes={"c1": 6})
+    codes = run(tmp_path, ranges, calculation_timeout=30, seeds={"c1": 5})
     assert codes["host"] == 1
     assert "'c1' sent features of batch" in error_of(tmp_path, "host")
     assert "batches disagree" in error_of(tmp_path, "host")
+    assert "host stopped the run" in error_of(tmp_path, "c1")
+
+
+def test_another_batch_size_is_named_before_training(tmp_path: Path) -> None:
+    ranges = {"host": (0, 70), "c1": (10, 80)}
+    codes = run(tmp_path, ranges, calculation_timeout=30, batch_sizes={"c1": 6})
+    assert codes == {"host": 1, "c1": 1}
+    assert "collaborator 'c1' has batch_size=6, the host 8" in error_of(tmp_path, "host")

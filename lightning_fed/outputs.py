@@ -1,4 +1,4 @@
-"""Files a FedAvg party writes: final weights (safetensors), the metrics report (JSON).
+"""Files a party writes: weights (safetensors), checkpoints and its report (JSON).
 
 Each file is written to a temporary name in the same folder and renamed, so a crash
 never leaves a half-written output.
