@@ -35,7 +35,7 @@ from typing_extensions import override
 from lightning_fed.hetero import HeteroDataModule, HeteroNNModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mnist"))
-from mnist import DEFAULT_ROOT, MEAN, STD, mnist_tensors  # noqa: E402  (the sibling example)
+from mnist import DEFAULT_ROOT, MEAN, STD, mnist_tensors  # the sibling example
 
 WIDTH = 20  # each half's feature width; the host adds the two up
 TEST_OFFSET = 100_000  # the seed's IDs of torchvision's test images

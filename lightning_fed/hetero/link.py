@@ -212,6 +212,7 @@ class HostLink(Link):
         self.collaborators = sorted(collaborators)
         self.own_key = own_key
         self.keys: dict[str, str] = {}  # node -> feature key, learned from its messages
+        self.stop_sent = False
 
     def _key(self, msg: Message) -> str:
         key = msg.body.get("key")
@@ -317,9 +318,16 @@ class HostLink(Link):
         self._send(PLAN, self.collaborators, 0, {"plan": asdict(plan)})
         return plan
 
-    def announce(self, epoch: int, stop: bool) -> None:
-        """Tell every collaborator that ``epoch`` ended and whether training stops."""
-        self._send(EPOCH, self.collaborators, epoch, {"stop": bool(stop)})
+    def announce(self, epoch: int, stop: bool, evaluate: bool = False) -> None:
+        """Tell every collaborator whether training goes on after ``epoch``.
+
+        A stop is sent once. ``evaluate`` tells collaborators that the host validates
+        before it stops (Lightning does when a callback stops training mid epoch).
+        """
+        if self.stop_sent:
+            return
+        self._send(EPOCH, self.collaborators, epoch, {"stop": bool(stop), "evaluate": evaluate})
+        self.stop_sent = bool(stop)
 
 
 class CollaboratorLink(Link):
@@ -332,6 +340,7 @@ class CollaboratorLink(Link):
         self.host = host
         self.feature_key = feature_key
         self.stopped = False  # the host stopped training mid epoch
+        self.stop_evaluates = False  # ... and validates before it stops
 
     def plan(self, own: Offer) -> Plan:
         """Offer the host this party's context and follow the plan it sends back."""
@@ -355,6 +364,7 @@ class CollaboratorLink(Link):
         msg = self._receive(GRADIENT, self.host, step, "gradient", stop=True)
         if msg.kind == EPOCH:
             self.stopped = True
+            self.stop_evaluates = bool(msg.body.get("evaluate", False))
             return None
         if msg.body.get("digest") != digest:
             raise HeteroError(

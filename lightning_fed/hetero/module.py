@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
 
@@ -30,8 +31,9 @@ from lightning_fed.hetero.order import batch_digest, batches
 
 #: Training steps of one epoch get rounds ``epoch * STEP_ROUNDS + batch_idx``.
 STEP_ROUNDS = 1_000_000
-#: The round of the evaluation features of ``trainer.test`` (validation uses the epoch).
-TEST_ROUND = -1
+#: The round of the evaluation features of ``trainer.test`` (validation uses the epoch),
+#: above every epoch, so that features of a validation the host skipped count as late.
+TEST_ROUND = 2**53
 
 
 class HeteroNNModule(pl.LightningModule):
@@ -160,6 +162,10 @@ class HeteroNNModule(pl.LightningModule):
             self._host_link().scatter(step, digest, grads)
 
     # -- evaluation -----------------------------------------------------------------------
+    @property
+    def _fitting(self) -> bool:
+        return self.trainer.state.fn == TrainerFn.FITTING
+
     def _eval_round(self) -> int:
         return TEST_ROUND if self.trainer.testing else self.current_epoch
 
@@ -171,7 +177,12 @@ class HeteroNNModule(pl.LightningModule):
 
     def _on_eval_start(self) -> None:
         if self.is_host:
-            self._eval = self._host_link().gather_eval(self._eval_round(), self._eval_digests())
+            link = self._host_link()
+            if self._fitting and self.trainer.should_stop:
+                # Stopping mid epoch, Lightning validates first; collaborators waiting for a
+                # gradient learn to stop, and to validate as well.
+                link.announce(self.current_epoch, stop=True, evaluate=True)
+            self._eval = link.gather_eval(self._eval_round(), self._eval_digests())
         else:
             self._eval_sent = []
 
@@ -186,7 +197,14 @@ class HeteroNNModule(pl.LightningModule):
         self.log_metrics(stage, output, self.labels(batch.data))
 
     def _on_eval_end(self) -> None:
-        if not self.is_host:
+        link = self._link
+        skipped = (
+            isinstance(link, CollaboratorLink)
+            and self._fitting
+            and link.stopped
+            and not link.stop_evaluates
+        )
+        if not self.is_host and not skipped:
             digests = [d for d, _ in self._eval_sent]
             self._collaborator_link().send_eval(
                 self._eval_round(), digests, [z for _, z in self._eval_sent]

@@ -57,6 +57,17 @@ def inference_model() -> nn.Module:
     return nn.Sequential(nn.Tanh(), nn.Linear(WIDTH, 2))
 
 
+class StopAfter(L.Callback):
+    """Stops training after a given number of steps, as Lightning's Timer does at max_time."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
 class Party(HeteroNNModule):
     """A party's model; ``faults`` makes it die or send NaN at a given training step."""
 
@@ -116,6 +127,11 @@ def run_party(
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
+        check_val_every_n_epoch=opts.get("val_every", {}).get(node, 1),
+        max_steps=opts.get("max_steps", -1) if role == "host" else -1,
+        callbacks=[StopAfter(opts["stop_after_step"])]
+        if "stop_after_step" in opts and role == "host"
+        else [],
     )
     model = Party(node, faults=opts.get("faults", {}).get(node))
     model.is_feature_trainable = node not in opts.get("frozen", ())

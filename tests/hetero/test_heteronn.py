@@ -176,6 +176,39 @@ def test_validation_every_epoch_and_the_final_test_are_logged_on_the_host(tmp_pa
     assert 0.0 <= metrics["test_acc"] <= 1.0
 
 
+def test_log_rounds_sets_the_validation_schedule_that_collaborators_follow(
+    tmp_path: Path,
+) -> None:
+    """The host validates every 2nd epoch; c1's own Trainer says every 3rd, and it follows."""
+    ranges = {"host": (0, 70), "c1": (10, 80)}
+    codes = run(tmp_path, ranges, epochs=4, log_rounds=2, val_every={"c1": 3}, test=True)
+    assert codes == {"host": 0, "c1": 0}, errors_of(tmp_path, ["host", "c1"])
+    report = load_saved(tmp_path, ["host"])["host"]["report"]
+    validated = ["val_acc" in e["metrics"] for e in report["epochs"]]
+    assert validated == [False, True, True, True]  # first after epoch 1; then it stays logged
+    assert report["epochs"][1]["metrics"]["val_acc"] != report["epochs"][3]["metrics"]["val_acc"]
+    assert set(report["test_metrics"]) == {"test_loss", "test_acc"}
+
+
+def test_a_host_that_stops_mid_epoch_stops_its_collaborators_cleanly(tmp_path: Path) -> None:
+    """max_steps=9 on the host: the 3rd batch of epoch 1; c1 gets a stop, not a gradient."""
+    ranges = {"host": (0, 70), "c1": (10, 80)}
+    assert run(tmp_path, ranges, epochs=4, max_steps=9, test=True) == {"host": 0, "c1": 0}
+    saved = load_saved(tmp_path, ["host", "c1"])
+    for n in ("host", "c1"):  # only the complete epoch is in the report
+        assert [e["epoch"] for e in saved[n]["report"]["epochs"]] == [0]
+    assert "test_acc" in saved["host"]["metrics"]  # the test after fit ran on both
+
+
+def test_a_callback_that_stops_mid_epoch_validates_on_every_party(tmp_path: Path) -> None:
+    """A host callback sets should_stop after step 9: Lightning validates, then stops."""
+    ranges = {"host": (0, 70), "c1": (10, 80)}
+    codes = run(tmp_path, ranges, epochs=4, stop_after_step=9, test=True)
+    assert codes == {"host": 0, "c1": 0}, errors_of(tmp_path, ["host", "c1"])
+    saved = load_saved(tmp_path, ["host", "c1"])
+    assert "val_acc" in saved["host"]["metrics"] and "test_acc" in saved["host"]["metrics"]
+
+
 def test_a_collaborator_killed_mid_epoch_is_named_by_the_host(tmp_path: Path) -> None:
     ranges = {"host": (0, 70), "c1": (10, 80)}
     started = time.monotonic()
