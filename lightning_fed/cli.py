@@ -130,7 +130,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _simulate_hetero(args: argparse.Namespace, workdir: str) -> int:
-    from lightning_fed.simulate import simulate_hetero
+    from lightning_fed.simulate import describe_hetero, simulate_hetero
 
     print(f"simulate: a host and {len(args.collaborator)} collaborator(s) in {workdir}", flush=True)
     try:
@@ -146,12 +146,7 @@ def _simulate_hetero(args: argparse.Namespace, workdir: str) -> int:
     except KeyboardInterrupt:
         print("simulate: stopped by Ctrl-C", file=sys.stderr)
         return 130
-    for node, code in result.returncodes.items():
-        print(f"  {node}: {'ok' if code == 0 else f'FAILED (exit {code})'}")
-    print(
-        f"outputs under {result.workdir}; TensorBoard: tensorboard --logdir "
-        f"{result.workdir / 'host' / 'lightning_logs'}"
-    )
+    print("\n".join(describe_hetero(result, args.task_id)))
     return 0 if result.ok else 1
 
 

@@ -271,7 +271,9 @@ def simulate_hetero(
     codes, interrupted = _run_parties(parties, [host_cfg, *cfgs], threads, out)
     if interrupted:
         raise KeyboardInterrupt
-    return SimulationResult(root, codes, None)
+    report_path = root / HOST / "heteronn" / task_id / HOST / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    return SimulationResult(root, codes, report)
 
 
 def _run_parties(
@@ -354,5 +356,30 @@ def describe(result: SimulationResult, task_id: str) -> list[str]:
         lines.insert(
             0,
             f"{result.report.get('rounds_completed')} rounds completed; final: {shown or '-'}",
+        )
+    return lines
+
+
+def describe_hetero(result: SimulationResult, task_id: str) -> list[str]:
+    """Human lines saying how a HeteroNN simulation ended and where its outputs are."""
+    lines = [
+        f"  {n}: {'ok' if c == 0 else f'FAILED (exit {c})'}" for n, c in result.returncodes.items()
+    ]
+    host = result.workdir / HOST
+    lines += [
+        f"outputs under {result.workdir}:",
+        f"  reports:      {result.workdir}/<party>/heteronn/{task_id}/<party>/report.json",
+        f"  TensorBoard:  tensorboard --logdir {host / 'lightning_logs'}",
+    ]
+    if result.report:
+        epochs = result.report.get("epochs") or []
+        test = result.report.get("test_metrics") or {}
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(test.items()))
+        per_batch = [e["train_seconds"] / e["batches"] for e in epochs if e.get("batches")]
+        lines.insert(
+            0,
+            f"{len(epochs)} epochs on {result.report.get('common_ids')} common IDs "
+            f"(intersection in {result.report.get('psi_seconds', 0):.2f} s); test: {shown or '-'}"
+            + (f"; {1000 * min(per_batch):.1f} ms per training batch" if per_batch else ""),
         )
     return lines

@@ -186,7 +186,13 @@ def test_simulate_runs_a_heteronn_task_and_every_party_tests(tmp_path: Path) -> 
     assert any(line.startswith("[host          ] ") for line in out.splitlines()), out
     assert "1200 common IDs (960 train, 240 test)" in out  # the PSI of the two ID ranges
     assert "test_acc" in out and "collaborator-1: ok" in out
+    assert "2 epochs on 1200 common IDs" in out  # the summary from the host's report
     assert (workdir / "host" / "lightning_logs").is_dir()
+    for node in ("host", "collaborator-1"):
+        report = json.loads((workdir / node / "heteronn/halves" / node / "report.json").read_text())
+        assert [e["epoch"] for e in report["epochs"]] == [0, 1]
+        assert report["traffic"]["bytes_sent"] > 0 and report["common_ids"] == 1200
+    assert report["test_metrics"] == {}  # only the host holds labels and metrics
 
 
 def test_simulate_refuses_mixed_or_missing_options(tmp_path: Path) -> None:

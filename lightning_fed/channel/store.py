@@ -153,18 +153,24 @@ class Store:
                     FileNotFoundError("no such bucket, or the endpoint did not answer"),
                 )
 
-    def publish(self, key: str, data: bytes | Sequence[memoryview | bytes]) -> None:
+    def publish(
+        self, key: str, data: bytes | Sequence[memoryview | bytes], *, durable: bool = True
+    ) -> None:
         """Make ``data`` visible under ``key`` all at once (see the module docstring).
 
         Args:
             key: the relative key.
             data: the bytes, or a sequence of chunks to be stored back to back (written
                 one by one to local files, joined into one PUT for object stores).
+            durable: on a local file system, flush the file and its folder to disk
+                (fsync) before returning. False keeps the all-at-once visibility but
+                may lose the file if the machine (not the process) crashes: for
+                short-lived messages that a restart regenerates anyway.
         """
         path = self.path(key)
         chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else data
         if self.local:
-            self._guard("publish", key, lambda: self._publish_local(path, chunks))
+            self._guard("publish", key, lambda: self._publish_local(path, chunks, durable))
             return
         whole = bytes(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if self.rename_publish:
@@ -180,7 +186,9 @@ class Store:
         else:
             self._guard("publish", key, lambda: self.fs.pipe_file(path, whole))
 
-    def _publish_local(self, path: str, chunks: Sequence[memoryview | bytes]) -> None:
+    def _publish_local(
+        self, path: str, chunks: Sequence[memoryview | bytes], durable: bool = True
+    ) -> None:
         parent = os.path.dirname(path)
         self._inside(parent)  # before creating folders through a planted symlink
         os.makedirs(parent, exist_ok=True)
@@ -193,13 +201,16 @@ class Store:
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
             raise
         os.close(fd)
         os.replace(tmp, path)
+        if not durable:
+            return
         dir_fd = os.open(parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -143,25 +143,39 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> EncodedTensors:
     return EncodedTensors(chunks, 8 + len(text) + offset, tuple(plain.values()))
 
 
+#: Below this many bytes, :class:`StreamingHash` hashes on the caller's thread.
+INLINE_BYTES = 1 << 20
+
+
 class StreamingHash:
     """SHA-256 computed on a helper thread while the caller moves the same bytes.
 
     ``hashlib`` releases the GIL on large buffers, so hashing overlaps with disk
     or network I/O on another core. Chunks are hashed in the order they are fed.
+    Until a chunk of :data:`INLINE_BYTES` or more comes, chunks are hashed at once
+    on the caller's thread: for small messages a thread costs more than it saves.
     """
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-fed-sha256")
+        self._pool: ThreadPoolExecutor | None = None
         self._last: Future[None] | None = None
+
+    def _submit(self, chunks: list[memoryview | bytes]) -> None:
+        if self._pool is None and sum(memoryview(c).nbytes for c in chunks) < INLINE_BYTES:
+            self._update_all(chunks)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightning-fed-sha256")
+        self._last = self._pool.submit(self._update_all, chunks)
 
     def feed(self, chunk: memoryview | bytes) -> None:
         """Queue ``chunk`` for hashing (it must stay unchanged until :meth:`hexdigest`)."""
-        self._last = self._pool.submit(self._hash.update, chunk)
+        self._submit([chunk])
 
     def feed_all(self, chunks: Iterable[memoryview | bytes]) -> None:
         """Queue all ``chunks`` as one task."""
-        self._last = self._pool.submit(self._update_all, list(chunks))
+        self._submit(list(chunks))
 
     def _update_all(self, chunks: list[memoryview | bytes]) -> None:
         for chunk in chunks:
@@ -178,7 +192,8 @@ class StreamingHash:
 
     def close(self) -> None:
         """Stop the helper thread (after the queued chunks); safe to call twice."""
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def __enter__(self) -> StreamingHash:
         return self

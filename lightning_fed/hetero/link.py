@@ -120,7 +120,8 @@ class Link:
         start = time.perf_counter()
         payload = {"session": self.session, **body}
         detached = None if tensors is None else {k: v.detach().cpu() for k, v in tensors.items()}
-        self.channel.send(kind, payload, to=to, round=step, tensors=detached)
+        # Per-batch messages skip fsync: a restart regenerates them from checkpoints.
+        self.channel.send(kind, payload, to=to, round=step, tensors=detached, durable=False)
         self.seconds += time.perf_counter() - start
 
     def _receive(

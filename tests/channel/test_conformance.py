@@ -98,6 +98,19 @@ def test_traffic_counts_what_was_stored_and_read(backend: Backend, fed: Federati
     assert c1.traffic.messages_sent == before.messages_sent + 1 and before.messages_sent == 0
 
 
+def test_non_durable_messages_round_trip_and_polling_can_be_tightened(
+    backend: Backend, fed: Federation
+) -> None:
+    agg, c1 = fed.channel(backend, "agg"), fed.channel(backend, "c1")
+    c1.set_polling(0.0005, 0.002)
+    assert (c1.poll_initial, c1.poll_max) == (0.0005, 0.002)
+    with pytest.raises(ValueError, match="initial <= maximum"):
+        c1.set_polling(0.01, 0.001)
+    agg.send("gradient", {"s": 1}, to="c1", round=4, tensors={"g": torch.ones(2)}, durable=False)
+    msg = c1.receive("gradient", round=4, timeout=10)
+    assert msg.body == {"s": 1} and torch.equal(msg.tensors["g"], torch.ones(2))
+
+
 def test_filters_leave_other_messages_pending(backend: Backend, fed: Federation) -> None:
     c1, c2, agg = (fed.channel(backend, n) for n in ("c1", "c2", "agg"))
     c1.send("update", {"i": 1}, to="agg", round=1)
