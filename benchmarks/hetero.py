@@ -8,8 +8,10 @@
    its own process, over a local folder, aligned by the private set intersection.
    Next to it, in this script, plain Lightning trains the composed model (both
    feature models, the sum and the inference model in one module) on the same
-   common IDs' training split for the same epochs, with the same optimiser, and
-   tests it on the same held-out split. Means over ``--seeds`` training seeds.
+   common IDs' training split for the same epochs, with the same optimiser, from
+   the same initial weights (each party's, rebuilt from its seed) and in the same
+   batch order, and tests it on the same held-out split; only the dropout masks
+   differ. Means over ``--seeds`` training seeds.
 2. Per-batch framework overhead on ``file://`` (MNIST halves, batch 128): the host's
    training time per batch (its report: from an epoch's start to its last batch's
    end, epochs after the first) minus plain Lightning's time per batch for the
@@ -62,21 +64,36 @@ def _federated(name: str, work: Path, seed: int) -> dict[str, Any]:
     return res.report
 
 
-def _central_parts(name: str) -> tuple[Any, Any, Any, Callable[[list[int]], Any]]:
-    """The composed model, its loss, the host's datamodule, and a loader of full images."""
+def _central_parts(name: str, seed: int) -> tuple[Any, Any, Any, Callable[[list[int]], Any]]:
+    """The composed model, its loss, the host's datamodule, and a loader of full images.
+
+    The composed model starts from the parties' initial weights: each party's
+    LightningCLI seeds everything, then builds its model (host: ``seed``,
+    collaborator: ``seed + 100``, as ``_federated`` runs them).
+    """
+    import lightning.pytorch as L
     import torch
     import torch.nn.functional as F
 
     if name == "digits_halves":
-        from digits_halves import ComposedDigits, DigitsHalf, _digits
+        from digits_halves import ComposedDigits, DigitsHalf, DigitsHalfNet, _digits
 
+        composed, party, data = ComposedDigits(), DigitsHalfNet, DigitsHalf("left")
         x, y = _digits()
-        return ComposedDigits(), F.cross_entropy, DigitsHalf("left"), lambda ids: (x[ids], y[ids])
-    from mnist_halves import ComposedMnist, MnistHalf, _images
+        loss = F.cross_entropy
+    else:
+        from mnist_halves import ComposedMnist, MnistHalf, MnistHalfNet, _images
 
-    data = MnistHalf("left")
-    x, y = _images(data.source, data.root)
-    return ComposedMnist(), F.nll_loss, data, lambda ids: (x[torch.tensor(ids)], y[ids])
+        composed, party, data = ComposedMnist(), MnistHalfNet, MnistHalf("left")
+        x, y = _images(data.source, data.root)
+        loss = F.nll_loss
+    L.seed_everything(seed, verbose=False)
+    host = party(feature_key="left", host=True)
+    L.seed_everything(seed + 100, verbose=False)
+    collaborator = party(feature_key="right", host=False)
+    composed.left, composed.right = host.feature_model, collaborator.feature_model
+    composed.head = host.inference_model
+    return composed, loss, data, lambda ids: (x[torch.tensor(ids)], y[torch.tensor(ids)])
 
 
 def _central(name: str, common: list[int], seed: int) -> tuple[float, float, int]:
@@ -85,9 +102,10 @@ def _central(name: str, common: list[int], seed: int) -> tuple[float, float, int
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
+    from lightning_fed.hetero.data import EpochOrder
+
     epochs, test_fraction, lr, momentum = EXAMPLES[name]
-    L.seed_everything(seed, verbose=False)
-    model, loss_fn, data, full = _central_parts(name)
+    model, loss_fn, data, full = _central_parts(name, seed)
     data.test_fraction = test_fraction
     data.align(common)  # the same split as the parties'
     train = TensorDataset(*full(list(data.train_ids or [])))
@@ -123,7 +141,8 @@ def _central(name: str, common: list[int], seed: int) -> tuple[float, float, int
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(central, DataLoader(train, batch_size=data.batch_size, shuffle=True))
+    order = EpochOrder(data.train_ids or [], data.seed)  # the parties' batches, epoch by epoch
+    trainer.fit(central, DataLoader(train, batch_size=data.batch_size, sampler=order))
     acc = trainer.test(central, DataLoader(test, batch_size=data.batch_size), verbose=False)
     per_batch = statistics.median(central.batch_seconds[1:] or central.batch_seconds)
     return float(acc[0]["test_acc"]), per_batch, int(trainer.num_training_batches)
