@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,18 +140,28 @@ def test_ctrl_c_stops_every_party(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:  # wait until the federation is really running
-        seen.append(line)
-        if "round 1/500 done" in line:
-            break
-    else:
+    seen: list[str] = []
+    running = threading.Event()
+
+    def drain() -> None:  # read all the time, so the simulation never blocks on its pipe
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "round 1/500 done" in line:
+                running.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    if not running.wait(timeout=120):
+        proc.kill()
         pytest.fail("the federation never completed round 1:\n" + "".join(seen))
     assert len(processes_mentioning(str(workdir))) >= 3
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, "".join(seen) + rest
-    assert "stopping every party" in rest
+    proc.wait(timeout=120)  # STOP_GRACE, then every party is killed: far less than this
+    reader.join(timeout=10)
+    out = "".join(seen)
+    assert proc.returncode == 130, out
+    assert "stopping every party" in out
     assert processes_mentioning(str(workdir)) == []
 
 
