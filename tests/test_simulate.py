@@ -138,6 +138,9 @@ def test_ctrl_c_stops_every_party(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         cwd=tmp_path,
+        # A test run started in the background (make test &) ignores SIGINT, and Python
+        # keeps a signal ignored at startup: give the simulation the default, as a shell would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     seen: list[str] = []
