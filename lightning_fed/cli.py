@@ -16,9 +16,9 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning_fed import __version__
 from lightning_fed.channel import (
@@ -28,6 +28,9 @@ from lightning_fed.channel import (
     inspect_task,
     remove_task,
 )
+
+if TYPE_CHECKING:
+    from lightning_fed.simulate import SimulationResult
 
 
 def _storage_options(text: str | None) -> dict[str, Any]:
@@ -111,8 +114,8 @@ def _simulate(args: argparse.Namespace) -> int:
         )
         return 2
     print(f"simulate: {args.clients} client(s) and an aggregator in {workdir}", flush=True)
-    try:
-        result = simulate(
+    return _finish(
+        lambda: simulate(
             args.aggregator,
             args.client,
             clients=args.clients,
@@ -121,11 +124,21 @@ def _simulate(args: argparse.Namespace) -> int:
             aggregator_args=args.aggregator_arg,
             client_args=args.client_arg,
             threads=args.threads,
-        )
+        ),
+        lambda result: describe(result, args.task_id),
+    )
+
+
+def _finish(
+    run: Callable[[], SimulationResult], describe: Callable[[SimulationResult], list[str]]
+) -> int:
+    """Run a simulation; print how it ended; the exit status (130 after Ctrl-C)."""
+    try:
+        result = run()
     except KeyboardInterrupt:
         print("simulate: stopped by Ctrl-C", file=sys.stderr)
         return 130
-    print("\n".join(describe(result, args.task_id)))
+    print("\n".join(describe(result)))
     return 0 if result.ok else 1
 
 
@@ -133,8 +146,8 @@ def _simulate_hetero(args: argparse.Namespace, workdir: str) -> int:
     from lightning_fed.simulate import describe_hetero, simulate_hetero
 
     print(f"simulate: a host and {len(args.collaborator)} collaborator(s) in {workdir}", flush=True)
-    try:
-        result = simulate_hetero(
+    return _finish(
+        lambda: simulate_hetero(
             args.host,
             args.collaborator,
             workdir=workdir,
@@ -142,12 +155,9 @@ def _simulate_hetero(args: argparse.Namespace, workdir: str) -> int:
             host_args=args.host_arg,
             collaborator_args=args.collaborator_arg,
             threads=args.threads,
-        )
-    except KeyboardInterrupt:
-        print("simulate: stopped by Ctrl-C", file=sys.stderr)
-        return 130
-    print("\n".join(describe_hetero(result, args.task_id)))
-    return 0 if result.ok else 1
+        ),
+        lambda result: describe_hetero(result, args.task_id),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -271,7 +271,9 @@ def simulate_hetero(
     codes, interrupted = _run_parties(parties, [host_cfg, *cfgs], threads, out)
     if interrupted:
         raise KeyboardInterrupt
-    report_path = root / HOST / "heteronn" / task_id / HOST / "report.json"
+    from lightning_fed.hetero.strategy import party_dir  # torch only once parties ran
+
+    report_path = party_dir(root / HOST, task_id, HOST) / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     return SimulationResult(root, codes, report)
 
@@ -337,11 +339,15 @@ def _stop_all(parties: Sequence[Party]) -> None:
             party.process.wait()
 
 
+def _status_lines(result: SimulationResult) -> list[str]:
+    return [
+        f"  {n}: {'ok' if c == 0 else f'FAILED (exit {c})'}" for n, c in result.returncodes.items()
+    ]
+
+
 def describe(result: SimulationResult, task_id: str) -> list[str]:
     """Human lines saying how the simulation ended and where its outputs are."""
-    lines = []
-    for node, code in result.returncodes.items():
-        lines.append(f"  {node}: {'ok' if code == 0 else f'FAILED (exit {code})'}")
+    lines = _status_lines(result)
     agg = result.aggregator_dir
     out = agg / "fedavg" / task_id / AGGREGATOR
     lines += [
@@ -362,9 +368,7 @@ def describe(result: SimulationResult, task_id: str) -> list[str]:
 
 def describe_hetero(result: SimulationResult, task_id: str) -> list[str]:
     """Human lines saying how a HeteroNN simulation ended and where its outputs are."""
-    lines = [
-        f"  {n}: {'ok' if c == 0 else f'FAILED (exit {c})'}" for n, c in result.returncodes.items()
-    ]
+    lines = _status_lines(result)
     host = result.workdir / HOST
     lines += [
         f"outputs under {result.workdir}:",

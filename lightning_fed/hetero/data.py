@@ -129,15 +129,19 @@ class HeteroDataModule(pl.LightningDataModule):
         return split_ids(ids, self.test_fraction, self.seed)
 
     # -- what the framework calls --------------------------------------------------------
-    def align(self, common_ids: Sequence[IdLike]) -> None:
+    def align(
+        self, common_ids: Sequence[IdLike], local_ids: Sequence[IdLike] | None = None
+    ) -> None:
         """Adopt the IDs every party holds and split them.
+
+        ``local_ids`` spares a second call of :meth:`local_ids` when the caller has them.
 
         Raises:
             ValueError: an ID is not one of :meth:`local_ids`, or appears twice, or the
                 split does not partition the common IDs.
         """
         check_unique(common_ids)
-        local = {encode_id(i) for i in self.local_ids()}
+        local = {encode_id(i) for i in (self.local_ids() if local_ids is None else local_ids)}
         stray = [i for i in common_ids if encode_id(i) not in local]
         if stray:
             raise ValueError(

@@ -46,8 +46,7 @@ def saved_epochs(state_dir: str | os.PathLike[str]) -> list[int]:
 def save_epoch(trainer: pl.Trainer, state_dir: str | os.PathLike[str], epoch: int) -> Path:
     """Checkpoint the trainer as of the end of ``epoch`` (atomically); keep the last KEEP."""
     path = checkpoint_path(state_dir, epoch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
+    tmp = temporary_sibling(path)  # creates the folder
     trainer.save_checkpoint(tmp)
     os.replace(tmp, path)
     for old in saved_epochs(state_dir)[:-KEEP]:

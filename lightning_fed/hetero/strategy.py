@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 POLL_FIRST, POLL_MAX_LOCAL = 0.0005, 0.002
 
 
+def party_dir(root_dir: str | os.PathLike[str], task_id: str, node_id: str) -> Path:
+    """A party's default output folder (``report.json``; ``state/`` for checkpoints)."""
+    return Path(root_dir) / "heteronn" / task_id / node_id
+
+
 class HeteroNNStrategy(SingleDeviceStrategy):
     """Split learning across a host and its collaborators, for both roles.
 
@@ -151,7 +156,7 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         self._hooks: HeteroHooks | None = None
 
     def _party_dir(self, trainer: pl.Trainer) -> Path:
-        return Path(trainer.default_root_dir) / "heteronn" / self.task_id / self.node_id
+        return party_dir(trainer.default_root_dir, self.task_id, self.node_id)
 
     def state_dir(self, trainer: pl.Trainer) -> Path:
         """Where this party's recovery checkpoints live."""
@@ -218,9 +223,9 @@ class HeteroNNStrategy(SingleDeviceStrategy):
             self._align(channel, data)
         assert self._session is not None and data.train_ids is not None
         link = self._link(channel, module)
-        hooks = self._install_hooks(trainer, link, data)
+        self._install_hooks(trainer, link, data)
         if trainer.state.fn == TrainerFn.FITTING:
-            self._agree_and_resume(trainer, link, hooks, data)
+            self._agree_and_resume(trainer, link, data)
         module.connect(link)
 
     def _link(self, channel: Channel, module: HeteroNNModule) -> HostLink | CollaboratorLink:
@@ -258,11 +263,7 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         return self._hooks
 
     def _agree_and_resume(
-        self,
-        trainer: pl.Trainer,
-        link: HostLink | CollaboratorLink,
-        hooks: HeteroHooks,
-        data: HeteroDataModule,
+        self, trainer: pl.Trainer, link: HostLink | CollaboratorLink, data: HeteroDataModule
     ) -> None:
         """Exchange offers and the plan; restore the agreed checkpoint, if any."""
         assert data.train_ids is not None and data.test_ids is not None
@@ -305,9 +306,10 @@ class HeteroNNStrategy(SingleDeviceStrategy):
 
     def _align(self, channel: Channel, data: HeteroDataModule) -> None:
         assert self.host is not None
+        local = list(data.local_ids())  # may read a large index: once
         result = private_intersection(
             channel,
-            list(data.local_ids()),
+            local,
             host=self.host,
             collaborators=self.collaborators if self.role == "host" else None,
             timeout=self.schedule_timeout,
@@ -315,13 +317,13 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         )
         if not result.ids:
             raise HeteroError(
-                f"the parties share no IDs (this party has {len(data.local_ids())}); hint: "
+                f"the parties share no IDs (this party has {len(local)}); hint: "
                 "check that every party encodes its IDs the same way"
             )
-        data.align(result.ids)
+        data.align(result.ids, local_ids=local)
         self._session = result.session
         self._alignment = {
-            "local_ids": len(data.local_ids()),
+            "local_ids": len(local),
             "common_ids": len(result.ids),
             "train_ids": len(data.train_ids or []),
             "test_ids": len(data.test_ids or []),
