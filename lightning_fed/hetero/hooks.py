@@ -107,6 +107,7 @@ class HeteroHooks(Callback):
             "link": self.link.seconds,
             "sent": traffic.bytes_sent,
             "received": traffic.bytes_received,
+            "phases": dict(self.link.phases),
             "batches": 0,
         }
 
@@ -134,9 +135,11 @@ class HeteroHooks(Callback):
             "exchange_seconds": self.link.seconds - start["link"],
             "bytes_sent": traffic.bytes_sent - start["sent"],
             "bytes_received": traffic.bytes_received - start["received"],
+            "phases": {k: v - start["phases"].get(k, 0.0) for k, v in self.link.phases.items()},
             "metrics": scalar_metrics(trainer.callback_metrics),
         }
         self.epochs.append(record)
+        self.link.channel.prune_sent()  # blobs every recipient has read
         if self.state_dir is not None:
             save_epoch(trainer, self.state_dir, epoch)
         if isinstance(self.link, HostLink):

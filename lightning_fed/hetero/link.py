@@ -108,6 +108,14 @@ class Link:
         self.session = session
         self.timeout = timeout
         self.seconds = 0.0
+        self.phases: dict[str, float] = {}
+        """Seconds of this party's work by phase (the secure layer's: encrypt, decrypt, he)."""
+
+    def handshake(self, batch_size: int) -> None:
+        """Exchange what the protocol needs before the first batch (nothing here)."""
+
+    def _timed(self, phase: str, start: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
 
     def _send(
         self,
@@ -235,20 +243,33 @@ class HostLink(Link):
             )
         return key
 
+    @staticmethod
+    def _check_batch(msg: Message, step: int, digest: str) -> None:
+        theirs = msg.body.get("digest")
+        if theirs != digest:
+            raise HeteroError(
+                f"collaborator {msg.sender!r} sent features of batch {_short(str(theirs))} for "
+                f"step {step}, but the host's batch {step} is {_short(digest)}: the parties' "
+                "batches disagree; hint: use the same batch_size, seed and test_fraction, "
+                "and the same intersection, on every party"
+            )
+
+    @staticmethod
+    def _check_eval_batches(msg: Message, digests: Sequence[str]) -> None:
+        if msg.body.get("digests") != list(digests):
+            raise HeteroError(
+                f"collaborator {msg.sender!r} sent evaluation features of other batches than "
+                f"the host's ({len(msg.body.get('digests') or [])} vs {len(digests)} batches); "
+                "hint: use the same batch_size, seed and test_fraction on every party"
+            )
+
     def gather(self, step: int, digest: str, rows: int) -> dict[str, torch.Tensor]:
         """Every collaborator's features for training step ``step``, by feature key."""
         got: dict[str, torch.Tensor] = {}
         for node in self.collaborators:
             msg = self._receive(FEATURES, node, step, "features")
             key = self._key(msg)
-            theirs = msg.body.get("digest")
-            if theirs != digest:
-                raise HeteroError(
-                    f"collaborator {node!r} sent features of batch {_short(str(theirs))} for "
-                    f"step {step}, but the host's batch {step} is {_short(digest)}: the parties' "
-                    "batches disagree; hint: use the same batch_size, seed and test_fraction, "
-                    "and the same intersection, on every party"
-                )
+            self._check_batch(msg, step, digest)
             what = f"features for step {step}"
             got[key] = check_tensor(
                 msg.tensors.get("z"), rows=rows, party=f"collaborator {node!r}", what=what
@@ -275,12 +296,7 @@ class HostLink(Link):
         for node in self.collaborators:
             msg = self._receive(EVAL_FEATURES, node, epoch, "evaluation features")
             key = self._key(msg)
-            if msg.body.get("digests") != list(digests):
-                raise HeteroError(
-                    f"collaborator {node!r} sent evaluation features of other batches than the "
-                    f"host's ({len(msg.body.get('digests') or [])} vs {len(digests)} batches); "
-                    "hint: use the same batch_size, seed and test_fraction on every party"
-                )
+            self._check_eval_batches(msg, digests)
             for i in range(len(digests)):
                 z = msg.tensors.get(f"z{i}")
                 if z is None:
@@ -363,15 +379,9 @@ class CollaboratorLink(Link):
         None when the host stopped training instead (mid epoch: ``max_steps``, ``max_time``).
         """
         msg = self._receive(GRADIENT, self.host, step, "gradient", stop=True)
-        if msg.kind == EPOCH:
-            self.stopped = True
-            self.stop_evaluates = bool(msg.body.get("evaluate", False))
+        if self._stop_word(msg):
             return None
-        if msg.body.get("digest") != digest:
-            raise HeteroError(
-                f"the host sent the gradient of batch {_short(str(msg.body.get('digest')))} for "
-                f"step {step}, but this party's batch is {_short(digest)}"
-            )
+        self._check_batch(msg, step, digest)
         grad = check_tensor(
             msg.tensors.get("g"), rows=like.shape[0], party=f"host {self.host!r}", what="gradient"
         )
@@ -381,6 +391,21 @@ class CollaboratorLink(Link):
                 f"of shape {tuple(like.shape)}"
             )
         return grad.to(device=like.device, dtype=like.dtype)
+
+    def _stop_word(self, msg: Message) -> bool:
+        """Whether ``msg`` is the host's word to stop (mid epoch); remembers it."""
+        if msg.kind != EPOCH:
+            return False
+        self.stopped = True
+        self.stop_evaluates = bool(msg.body.get("evaluate", False))
+        return True
+
+    def _check_batch(self, msg: Message, step: int, digest: str) -> None:
+        if msg.body.get("digest") != digest:
+            raise HeteroError(
+                f"the host sent the {msg.kind} of batch {_short(str(msg.body.get('digest')))} "
+                f"for step {step}, but this party's batch is {_short(digest)}"
+            )
 
     def send_eval(
         self, epoch: int, digests: Sequence[str], features: Sequence[torch.Tensor]

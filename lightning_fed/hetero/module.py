@@ -16,6 +16,7 @@ loggers and callbacks are the user's, as in any LightningModule.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
 
+from lightning_fed.channel import Channel
 from lightning_fed.hetero.data import HeteroBatch, HeteroDataModule
 from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink
 from lightning_fed.hetero.order import batch_digest, batches
@@ -101,6 +103,22 @@ class HeteroNNModule(pl.LightningModule):
         """Whether this party holds the labels and the inference model."""
         return self.inference_model is not None
 
+    def make_link(
+        self,
+        channel: Channel,
+        *,
+        role: str,
+        host: str,
+        collaborators: Sequence[str],
+        session: str,
+        timeout: float,
+    ) -> HostLink | CollaboratorLink:
+        """The exchange for this party's ``role`` (called by the strategy; the secure
+        module returns its encrypted one)."""
+        if role == "host":
+            return HostLink(channel, collaborators, self.feature_key, session, timeout)
+        return CollaboratorLink(channel, host, self.feature_key, session, timeout)
+
     def connect(self, link: HostLink | CollaboratorLink) -> None:
         """Called by the strategy: the exchange this party's steps use."""
         if isinstance(link, HostLink) != self.is_host:
@@ -121,6 +139,11 @@ class HeteroNNModule(pl.LightningModule):
         if not isinstance(self._link, CollaboratorLink):
             raise HeteroError("no collaborator link: train a HeteroNNModule with HeteroNNStrategy")
         return self._link
+
+    def _local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A received tensor on this module's device, in its dtype."""
+        dtype = self.dtype if isinstance(self.dtype, torch.dtype) else None
+        return tensor.to(device=self.device, dtype=dtype)
 
     def _head(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         assert self.inference_model is not None
@@ -144,7 +167,7 @@ class HeteroNNModule(pl.LightningModule):
                 return None  # Lightning skips backward and the optimizer step
             return (z * grad).sum()  # its gradient with respect to z is the host's gradient
         others = self._host_link().gather(step, digest, rows=len(batch))
-        leaves = {k: v.to(self.device).requires_grad_(True) for k, v in others.items()}
+        leaves = {k: self._local(v).requires_grad_(True) for k, v in others.items()}
         own = self.forward_features(batch.data)
         output = self._head({self.feature_key: own, **leaves})
         labels = self.labels(batch.data)
@@ -182,7 +205,8 @@ class HeteroNNModule(pl.LightningModule):
                 # Stopping mid epoch, Lightning validates first; collaborators waiting for a
                 # gradient learn to stop, and to validate as well.
                 link.announce(self.current_epoch, stop=True, evaluate=True)
-            self._eval = link.gather_eval(self._eval_round(), self._eval_digests())
+            gathered = link.gather_eval(self._eval_round(), self._eval_digests())
+            self._eval = [{k: self._local(v) for k, v in b.items()} for b in gathered]
         else:
             self._eval_sent = []
 

@@ -226,21 +226,18 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         self._install_hooks(trainer, link, data)
         if trainer.state.fn == TrainerFn.FITTING:
             self._agree_and_resume(trainer, link, data)
+        link.handshake(data.batch_size)
         module.connect(link)
 
     def _link(self, channel: Channel, module: HeteroNNModule) -> HostLink | CollaboratorLink:
-        assert self._session is not None
-        if self.role == "host":
-            return HostLink(
-                channel,
-                self.collaborators,
-                module.feature_key,
-                self._session,
-                self.calculation_timeout,
-            )
-        assert self.host is not None
-        return CollaboratorLink(
-            channel, self.host, module.feature_key, self._session, self.calculation_timeout
+        assert self._session is not None and self.host is not None
+        return module.make_link(
+            channel,
+            role=self.role,
+            host=self.host,
+            collaborators=self.collaborators,
+            session=self._session,
+            timeout=self.calculation_timeout,
         )
 
     def _install_hooks(

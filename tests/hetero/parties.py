@@ -20,9 +20,12 @@ import torch
 from torch import nn
 
 from lightning_fed.hetero import HeteroDataModule, HeteroNNModule, HeteroNNStrategy
+from lightning_fed.hetero.secure import SecureHeteroNNModule
 
 WIDTH = 4  # every feature model's output width (fused by sum)
 DIMS = {"host": 3, "c1": 2, "c2": 5}
+PROJECTED = 3  # secure: every projection is WIDTH -> PROJECTED (not square)
+PROJECT_LR = 0.05
 
 
 def features(node: str, id: int) -> torch.Tensor:
@@ -52,9 +55,18 @@ def feature_model(node: str) -> nn.Module:
     return nn.Sequential(nn.Linear(DIMS[node], 6), nn.Tanh(), nn.Linear(6, WIDTH))
 
 
-def inference_model() -> nn.Module:
+def inference_model(width: int = WIDTH) -> nn.Module:
     torch.manual_seed(99)
-    return nn.Sequential(nn.Tanh(), nn.Linear(WIDTH, 2))
+    return nn.Sequential(nn.Tanh(), nn.Linear(width, 2))
+
+
+def project_layer_config(nodes: list[str]) -> list[tuple[str, int, int]]:
+    return [(n, WIDTH, PROJECTED) for n in nodes]
+
+
+def share_seed(node: str) -> int:
+    """Seeds the secure parts a party makes (the host's projection and shares)."""
+    return 50 + list(DIMS).index(node)
 
 
 class StopAfter(L.Callback):
@@ -68,15 +80,15 @@ class StopAfter(L.Callback):
             trainer.should_stop = True
 
 
-class Party(HeteroNNModule):
-    """A party's model; ``faults`` makes it die or send NaN at a given training step."""
+class Behaviour:
+    """What the test parties do on top of their module: faults, SGD with momentum."""
 
-    def __init__(
-        self, node: str, lr: float = 0.1, momentum: float = 0.9, faults: Any = None
-    ) -> None:
-        super().__init__(feature_key=node)
-        self.feature_model = feature_model(node)
-        self.inference_model = inference_model() if node == "host" else None
+    lr: float
+    momentum: float
+    faults: dict[str, Any]
+    steps: int
+
+    def setup_behaviour(self, lr: float, momentum: float, faults: Any) -> None:
         self.lr, self.momentum = lr, momentum
         self.faults = faults or {}
         self.steps = 0
@@ -87,13 +99,65 @@ class Party(HeteroNNModule):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def forward_features(self, data: Any) -> torch.Tensor:
-        z = super().forward_features(data)
-        if self.training and self.faults.get("nan_at_step") == self.steps:
+        z: torch.Tensor = super().forward_features(data)  # type: ignore[misc]
+        if self.training and self.faults.get("nan_at_step") == self.steps:  # type: ignore[attr-defined]
             z = z * float("nan")
         return z
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        params = self.parameters()  # type: ignore[attr-defined]
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+
+
+class Party(Behaviour, HeteroNNModule):
+    """A party's model; ``faults`` makes it die or send NaN at a given training step."""
+
+    def __init__(
+        self, node: str, lr: float = 0.1, momentum: float = 0.9, faults: Any = None
+    ) -> None:
+        super().__init__(feature_key=node)
+        self.feature_model = feature_model(node)
+        self.inference_model = inference_model() if node == "host" else None
+        self.setup_behaviour(lr, momentum, faults)
+
+
+class SecureParty(Behaviour, SecureHeteroNNModule):
+    """A secure party: every feature model projected WIDTH -> PROJECTED, fused by sum."""
+
+    def __init__(self, node: str, nodes: list[str], faults: Any = None) -> None:
+        super().__init__(node, project_layer_config(nodes), PROJECT_LR)
+        self.feature_model = feature_model(node)
+        self.inference_model = inference_model(PROJECTED) if node == "host" else None
+        self.setup_behaviour(0.1, 0.9, faults)
+        self.sent: list[torch.Tensor] = []  # every feature tensor this party computed
+
+    def configure_model(self) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(share_seed(self.feature_key))
+            super().configure_model()
+
+    def forward_features(self, data: Any) -> torch.Tensor:
+        z = super().forward_features(data)
+        self.sent.append(z.detach().clone())
+        return z
+
+
+def record_deliveries() -> list[dict[str, Any]]:
+    """Keep a copy of every message this process's channel delivers (body and tensors)."""
+    from lightning_fed.channel import Channel
+
+    received: list[dict[str, Any]] = []
+    deliver = Channel._deliver_all
+
+    def recording(self: Channel, *args: Any, **kwargs: Any) -> Any:
+        messages = deliver(self, *args, **kwargs)
+        for msg in messages:
+            tensors = {k: v.clone() for k, v in msg.tensors.items()}
+            received.append({"kind": msg.kind, "body": msg.body, "tensors": tensors})
+        return messages
+
+    Channel._deliver_all = recording  # type: ignore[method-assign]
+    return received
 
 
 def run_party(
@@ -103,6 +167,7 @@ def run_party(
     warnings.filterwarnings("ignore")
     logging.basicConfig(filename=str(Path(root) / f"{node}.log"), level=logging.INFO)
     role = "host" if node == "host" else "collaborator"
+    received = record_deliveries() if opts.get("secure") and role == "host" else None
     strategy = HeteroNNStrategy(
         str(Path(root) / "channel"),
         "t",
@@ -133,7 +198,10 @@ def run_party(
         if "stop_after_step" in opts and role == "host"
         else [],
     )
-    model = Party(node, faults=opts.get("faults", {}).get(node))
+    faults = opts.get("faults", {}).get(node)
+    model: Party | SecureParty = (
+        SecureParty(node, parties, faults) if opts.get("secure") else Party(node, faults=faults)
+    )
     model.is_feature_trainable = node not in opts.get("frozen", ())
     batch_size = opts.get("batch_sizes", {}).get(node, 8)
     seed = opts.get("seeds", {}).get(node, 0)
@@ -146,6 +214,8 @@ def run_party(
             if role == "host":
                 metrics.update(tested[0])
         saved = {
+            "sent": getattr(model, "sent", None),
+            "received": received,
             "state": model.state_dict(),
             "train_ids": data.train_ids,
             "metrics": metrics,
@@ -192,3 +262,48 @@ def composed_batches(
             xs = {n: torch.stack([features(n, i) for i in ids]) for n in nodes}
             out.append((xs, torch.stack([label(i) for i in ids])))
     return out
+
+
+class SecureComposed(L.LightningModule):
+    """The secure parties' model in one module: projections with weights W + ε_acc.
+
+    The collaborators' projections train by plain SGD at PROJECT_LR, as the secure
+    layer does; everything else by the parties' SGD with momentum.
+    """
+
+    def __init__(self, nodes: list[str]) -> None:
+        super().__init__()
+        from lightning_fed.hetero.secure.interactive import initial_share
+
+        self.nodes = nodes
+        self.features = nn.ModuleDict({n: feature_model(n) for n in nodes})
+        self.inference = inference_model(PROJECTED)
+        with torch.random.fork_rng():
+            torch.manual_seed(share_seed("host"))
+            self.projection = nn.Linear(WIDTH, PROJECTED)
+            host_shares = {n: initial_share(WIDTH, PROJECTED) for n in nodes if n != "host"}
+        trues = {}
+        for n, share in host_shares.items():
+            with torch.random.fork_rng():
+                torch.manual_seed(share_seed(n))
+                trues[n] = nn.Parameter(share + initial_share(WIDTH, PROJECTED))
+        self.trues = nn.ParameterDict(trues)
+
+    def project(self, node: str, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.features[node](x)
+        if node == "host":
+            return self.projection(alpha)
+        return (alpha.double() @ self.trues[node]).float()
+
+    def training_step(self, batch: Any, idx: int) -> torch.Tensor:
+        xs, y = batch
+        fused = torch.stack([self.project(n, xs[n]) for n in sorted(self.nodes)]).sum(0)
+        return nn.functional.cross_entropy(self.inference(fused), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        rest = [p for name, p in self.named_parameters() if not name.startswith("trues.")]
+        groups = [
+            {"params": rest, "lr": 0.1, "momentum": 0.9},
+            {"params": list(self.trues.parameters()), "lr": PROJECT_LR, "momentum": 0.0},
+        ]
+        return torch.optim.SGD(groups)

@@ -1,0 +1,115 @@
+"""Secure HeteroNN with real parties in real processes, real TenSEAL keys, over a folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tests.hetero import parties
+from tests.hetero.secure.leaks import KnownValues
+from tests.hetero.test_heteronn import errors_of, load_saved, part, run
+
+pytestmark = pytest.mark.slow
+RANGES = {"host": (0, 70), "c1": (10, 80), "c2": (5, 75)}
+
+
+def central_secure(nodes: list[str], train_ids: list[int], epochs: int) -> parties.SecureComposed:
+    model = parties.SecureComposed(nodes)
+    loader = DataLoader(
+        parties.composed_batches(nodes, train_ids, epochs, batch_size=8), batch_size=None
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    return model
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to CKKS precision: relative error at most 1e-3."""
+    error = (got.double() - want.double()).abs().max() / want.double().abs().max()
+    assert error <= 1e-3, f"relative error {float(error):.2e}"
+
+
+def assert_secure_equals_composed(saved: dict[str, Any], nodes: list[str], epochs: int) -> None:
+    train_ids = saved["host"]["train_ids"]
+    composed = central_secure(nodes, train_ids, epochs)
+    host = saved["host"]["state"]
+    for n in nodes:
+        got = part(saved[n]["state"], "feature_model.")
+        for k, want in composed.features[n].state_dict().items():
+            assert_close(got[k], want)
+        if n != "host":  # the true weight is the sum of the two shares
+            w, eps = host[f"secure_shares.{n}"], saved[n]["state"][f"secure_shares.{n}"]
+            assert_close(w + eps, composed.trues[n].detach())
+    for k, want in composed.projection.state_dict().items():
+        assert_close(host[f"projection.{k}"], want)
+    for k, want in composed.inference.state_dict().items():
+        assert_close(part(host, "inference_model.")[k], want)
+
+
+@pytest.fixture(scope="module")
+def three_parties(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """Host + 2 collaborators, 3 epochs and a test, secure; run once for several tests."""
+    root = tmp_path_factory.mktemp("secure3")
+    nodes = ["host", "c1", "c2"]
+    codes = run(root, RANGES, secure=True, test=True)
+    assert codes == dict.fromkeys(nodes, 0), (codes, errors_of(root, nodes))
+    return root, load_saved(root, nodes)
+
+
+def test_secure_split_learning_equals_the_composed_model_with_w_plus_eps_acc(
+    three_parties: tuple[Path, dict[str, Any]],
+) -> None:
+    """Host + 2 collaborators, non-square projections (4 -> 3): equal to CKKS precision."""
+    _, saved = three_parties
+    assert len(saved["host"]["train_ids"]) == 48
+    assert_secure_equals_composed(saved, ["host", "c1", "c2"], epochs=3)
+    assert "test_acc" in saved["host"]["metrics"]
+    epochs = saved["host"]["report"]["epochs"]
+    assert len(epochs) == 3 and epochs[0]["phases"]["he"] > 0
+    assert saved["c1"]["report"]["epochs"][0]["phases"]["encrypt"] > 0
+
+
+def test_no_collaborator_feature_value_reaches_the_host(
+    three_parties: tuple[Path, dict[str, Any]],
+) -> None:
+    """Every message the host received, and everything it stored, holds no feature value
+    of a collaborator: not its raw columns, not any feature tensor it computed."""
+    root, saved = three_parties
+    known = []
+    for n in ("c1", "c2"):
+        lo, hi = RANGES[n]
+        known += [parties.features(n, i) for i in range(lo, hi)]  # raw columns
+        known += saved[n]["sent"]  # every feature tensor, every step and evaluation
+    secret = KnownValues(known)
+
+    received = saved["host"]["received"]
+    kinds = {m["kind"] for m in received}
+    assert {"secure-features", "secure-projected", "secure-update"} <= kinds
+    assert "features" not in kinds and "eval-features" not in kinds  # no plain exchange
+    for message in received:
+        assert not secret.in_bytes(json.dumps(message["body"]).encode())
+        for name, tensor in message["tensors"].items():
+            if tensor.dtype == torch.uint8:  # a ciphertext or a key
+                assert not secret.in_bytes(tensor.numpy().tobytes()), (message["kind"], name)
+            else:
+                assert not secret.in_tensor(tensor), (message["kind"], name)
+    stored = [p for p in (root / "host").rglob("*") if p.is_file()]
+    assert stored
+    for path in stored:
+        assert not secret.in_bytes(path.read_bytes()), path
+    # the check itself finds what it looks for
+    assert secret.in_tensor(saved["c1"]["sent"][0].double())
+    assert secret.in_bytes(b"xyz" + saved["c1"]["sent"][0].numpy().tobytes())
