@@ -4,7 +4,8 @@ A value is *found* in a tensor if some element equals it exactly (in float64, so
 float32 feature sent as is, or widened, matches; a computed value does not by chance).
 Values count both as given and rounded to float32. In raw bytes (ciphertexts, keys,
 files) 8-byte patterns are looked for: every value as float64, and every two
-neighbours (row-wise and column-wise) as float32. A random 8-byte window matches one of P patterns with probability P / 2^64: never by chance.
+neighbours (row-wise and column-wise) as float32. A random 8-byte window matches one
+of P patterns with probability P / 2^64: never by chance.
 """
 
 from __future__ import annotations
