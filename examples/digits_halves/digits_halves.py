@@ -17,6 +17,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from lightning_fed.hetero import HeteroDataModule, HeteroNNModule
+from lightning_fed.hetero.secure import SecureHeteroNNModule
 
 WIDTH = 32  # every half's feature width; the host adds the two up
 
@@ -86,6 +87,38 @@ class DigitsHalfNet(HeteroNNModule):
         self, feature_key: str = "left", host: bool = True, lr: float = 0.05, momentum: float = 0.9
     ) -> None:
         super().__init__(feature_key=feature_key)
+        self.save_hyperparameters()
+        self.feature_model = half_cnn()
+        if host:
+            self.inference_model = nn.Sequential(nn.ReLU(), nn.Linear(WIDTH, 10))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
+        )
+
+
+class SecureDigitsHalfNet(SecureHeteroNNModule):
+    """The secure version: each half's features are projected before the sum, and the
+    host never sees the collaborator's (CKKS, see docs/secure_hetero.md).
+
+    Args:
+        feature_key, host, lr, momentum: as :class:`DigitsHalfNet`.
+        project_layer_config: ``(feature_key, input_dim, output_dim)`` of every half.
+        project_layer_lr: the projections' SGD rate (the same on every party).
+    """
+
+    def __init__(
+        self,
+        feature_key: str = "left",
+        host: bool = True,
+        project_layer_config: list[tuple[str, int, int]] | None = None,
+        project_layer_lr: float = 0.1,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+    ) -> None:
+        config = project_layer_config or [("left", WIDTH, WIDTH), ("right", WIDTH, WIDTH)]
+        super().__init__(feature_key, config, project_layer_lr)
         self.save_hyperparameters()
         self.feature_model = half_cnn()
         if host:

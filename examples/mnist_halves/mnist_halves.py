@@ -33,6 +33,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_fed.hetero import HeteroDataModule, HeteroNNModule
+from lightning_fed.hetero.secure import SecureHeteroNNModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mnist"))
 from mnist import DEFAULT_ROOT, MEAN, STD, mnist_tensors  # the sibling example
@@ -173,6 +174,43 @@ class MnistHalfNet(HeteroNNModule):
     @override
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.nll_loss(output, labels)  # the seed's loss on log-probabilities
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum)
+
+
+class SecureMnistHalfNet(SecureHeteroNNModule):
+    """The seed's secure HeteroNN party: HalfConvNet, a 20 -> 20 projection per half
+    (CKKS for the collaborator's, see docs/secure_hetero.md), the InferModule on the host.
+
+    Args:
+        feature_key, host, lr, momentum, is_feature_trainable: as :class:`MnistHalfNet`.
+        project_layer_config: ``(feature_key, input_dim, output_dim)`` of every half.
+        project_layer_lr: the projections' SGD rate (the same on every party).
+    """
+
+    def __init__(
+        self,
+        feature_key: str = "left",
+        host: bool = True,
+        project_layer_config: list[tuple[str, int, int]] | None = None,
+        project_layer_lr: float = 0.1,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        is_feature_trainable: bool = True,
+    ) -> None:
+        config = project_layer_config or [("left", WIDTH, WIDTH), ("right", WIDTH, WIDTH)]
+        super().__init__(feature_key, config, project_layer_lr, is_feature_trainable)
+        self.save_hyperparameters()
+        self.feature_model = HalfConvNet()
+        if host:
+            self.inference_model = InferModule()
+
+    @override
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(output, labels)
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -124,8 +124,10 @@ class Party(Behaviour, HeteroNNModule):
 class SecureParty(Behaviour, SecureHeteroNNModule):
     """A secure party: every feature model projected WIDTH -> PROJECTED, fused by sum."""
 
-    def __init__(self, node: str, nodes: list[str], faults: Any = None) -> None:
-        super().__init__(node, project_layer_config(nodes), PROJECT_LR)
+    def __init__(
+        self, node: str, nodes: list[str], faults: Any = None, project_lr: float = PROJECT_LR
+    ) -> None:
+        super().__init__(node, project_layer_config(nodes), project_lr)
         self.feature_model = feature_model(node)
         self.inference_model = inference_model(PROJECTED) if node == "host" else None
         self.setup_behaviour(0.1, 0.9, faults)
@@ -200,7 +202,9 @@ def run_party(
     )
     faults = opts.get("faults", {}).get(node)
     model: Party | SecureParty = (
-        SecureParty(node, parties, faults) if opts.get("secure") else Party(node, faults=faults)
+        SecureParty(node, parties, faults, opts.get("project_lr", {}).get(node, PROJECT_LR))
+        if opts.get("secure")
+        else Party(node, faults=faults)
     )
     model.is_feature_trainable = node not in opts.get("frozen", ())
     batch_size = opts.get("batch_sizes", {}).get(node, 8)
@@ -273,14 +277,14 @@ class SecureComposed(L.LightningModule):
 
     def __init__(self, nodes: list[str]) -> None:
         super().__init__()
-        from lightning_fed.hetero.secure.interactive import initial_share
+        from lightning_fed.hetero.secure.interactive import initial_share, own_projection
 
         self.nodes = nodes
         self.features = nn.ModuleDict({n: feature_model(n) for n in nodes})
         self.inference = inference_model(PROJECTED)
         with torch.random.fork_rng():
             torch.manual_seed(share_seed("host"))
-            self.projection = nn.Linear(WIDTH, PROJECTED)
+            self.projection = own_projection(WIDTH, PROJECTED)
             host_shares = {n: initial_share(WIDTH, PROJECTED) for n in nodes if n != "host"}
         trues = {}
         for n, share in host_shares.items():

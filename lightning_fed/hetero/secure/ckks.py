@@ -22,9 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tenseal as ts
-import tenseal.sealapi as seal
 from numpy.typing import NDArray
+
+try:
+    import tenseal as ts
+    import tenseal.sealapi as seal
+except ImportError as exc:  # pragma: no cover - the secure extra is installed in tests
+    raise ImportError(
+        f"secure HeteroNN needs TenSEAL ({exc}); hint: pip install 'lightning-fed[secure]'"
+    ) from exc
 
 Vector = NDArray[np.float64]
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from torch import nn
 
 from lightning_fed.hetero.secure.ckks import CKKSEvaluator, SecretKeys
 from lightning_fed.hetero.secure.packing import Layout
@@ -40,13 +41,27 @@ def _noise_source() -> np.random.Generator:
 
 
 def initial_share(n: int, m: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One party's initial share (``n × m``, float64): the two shares add up to a weight
-    distributed as ``nn.Linear``'s (variance ``1 / (3n)``) while each alone is random."""
-    bound = 1.0 / math.sqrt(2.0 * n)
+    """One party's initial share (``n × m``, float64), uniform with variance ``1 / n``.
+
+    The two independent shares add up to a weight of variance ``2 / n`` (He
+    initialisation: the projection keeps its input's scale ahead of a ReLU), while each
+    share alone is random: neither party knows the true weight, even at the start.
+    """
+    bound = math.sqrt(3.0 / n)
     share: torch.Tensor = (
         torch.rand(n, m, dtype=torch.float64, generator=generator) * 2 - 1
     ) * bound
     return share
+
+
+def own_projection(n: int, m: int) -> nn.Linear:
+    """The host's plain projection of its own features: He-uniform weights, zero bias."""
+    layer = nn.Linear(n, m)
+    with torch.no_grad():
+        bound = math.sqrt(6.0 / n)
+        layer.weight.uniform_(-bound, bound)
+        layer.bias.zero_()
+    return layer
 
 
 @dataclass

@@ -3,7 +3,8 @@
 A :class:`~lightning_fed.hetero.HeteroNNModule` with an interactive (projection)
 layer in front of the fusion: each party's features are projected by a linear map
 before :meth:`fuse`. The host's own projection is a plain ``nn.Linear`` (with bias;
-the user's optimizer trains it). A collaborator's projection ``W + ε_acc`` is split
+the user's optimizer trains it). Every projection starts He-initialised (variance
+``2 / input_dim``). A collaborator's projection ``W + ε_acc`` is split
 between the host (``W``) and the collaborator (``ε_acc``) and trained by plain SGD at
 ``project_layer_lr`` through CKKS-encrypted exchanges (:mod:`.interactive`), so the
 host works on ``α (W + ε_acc)`` and never on the features ``α`` themselves.
@@ -41,7 +42,7 @@ from lightning_fed.channel import Channel
 from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink
 from lightning_fed.hetero.module import HeteroNNModule
 from lightning_fed.hetero.secure.ckks import CKKSParams
-from lightning_fed.hetero.secure.interactive import initial_share
+from lightning_fed.hetero.secure.interactive import initial_share, own_projection
 from lightning_fed.hetero.secure.link import SecureCollaboratorLink, SecureHostLink
 
 LayerConfig = dict[str, tuple[int, int]]
@@ -131,7 +132,7 @@ class SecureHeteroNNModule(HeteroNNModule):
         if self.projection is not None or len(list(self.secure_shares.buffers())):
             return
         if self.is_host:
-            self.projection = nn.Linear(*self.own_shape)
+            self.projection = own_projection(*self.own_shape)
             for key, shape in self.project_layer_config.items():
                 if key != self.feature_key:
                     self.secure_shares.register_buffer(key, initial_share(*shape))

@@ -113,3 +113,39 @@ def test_no_collaborator_feature_value_reaches_the_host(
     # the check itself finds what it looks for
     assert secret.in_tensor(saved["c1"]["sent"][0].double())
     assert secret.in_bytes(b"xyz" + saved["c1"]["sent"][0].numpy().tobytes())
+
+
+def test_after_a_crash_a_restart_with_recovery_resumes_with_the_shares(tmp_path: Path) -> None:
+    """The collaborator dies in epoch 2 (of 4); both restart with recovery: the restored
+    W (host) and ε_acc (collaborator) continue as if uninterrupted."""
+    nodes = ["host", "c1"]
+    ranges = {n: RANGES[n] for n in nodes}
+    opts: dict[str, Any] = {"epochs": 4, "recovery": True, "calculation_timeout": 8}
+    codes = run(tmp_path, ranges, secure=True, **opts, faults={"c1": {"die_at_step": 15}})
+    assert codes == {"host": 1, "c1": -9}
+    checkpoint = torch.load(tmp_path / "c1" / "state" / "epoch-000001.ckpt", weights_only=False)
+    assert "secure_shares.c1" in checkpoint["state_dict"]  # ε_acc is in the checkpoint
+    codes = run(tmp_path, ranges, secure=True, **opts)
+    assert codes == dict.fromkeys(nodes, 0), (codes, errors_of(tmp_path, nodes))
+    saved = load_saved(tmp_path, nodes)
+    for n in nodes:
+        assert saved[n]["report"]["resumed_after_epoch"] == 1
+    assert_secure_equals_composed(saved, nodes, epochs=4)
+
+
+def test_a_host_that_stops_mid_epoch_stops_its_secure_collaborator(tmp_path: Path) -> None:
+    """max_steps=9: c1 gets a stop while it waits for the encrypted product, then tests."""
+    ranges = {n: RANGES[n] for n in ("host", "c1")}
+    codes = run(tmp_path, ranges, secure=True, epochs=4, max_steps=9, test=True)
+    assert codes == {"host": 0, "c1": 0}, errors_of(tmp_path, ["host", "c1"])
+    saved = load_saved(tmp_path, ["host", "c1"])
+    assert "test_acc" in saved["host"]["metrics"]
+
+
+def test_a_different_project_layer_lr_is_named_before_training(tmp_path: Path) -> None:
+    ranges = {n: RANGES[n] for n in ("host", "c1")}
+    codes = run(tmp_path, ranges, secure=True, calculation_timeout=30, project_lr={"c1": 0.02})
+    assert codes == {"host": 1, "c1": 1}
+    errors = errors_of(tmp_path, ["host", "c1"])
+    assert "collaborator 'c1' has project_layer_lr=0.02, the host 0.05" in errors["host"]
+    assert "host stopped the run" in errors["c1"]
