@@ -113,7 +113,7 @@ class SecureDigitsHalfNet(SecureHeteroNNModule):
         feature_key: str = "left",
         host: bool = True,
         project_layer_config: list[tuple[str, int, int]] | None = None,
-        project_layer_lr: float = 0.1,
+        project_layer_lr: float = 0.05,
         lr: float = 0.05,
         momentum: float = 0.9,
     ) -> None:

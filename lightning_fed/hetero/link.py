@@ -109,7 +109,8 @@ class Link:
         self.timeout = timeout
         self.seconds = 0.0
         self.phases: dict[str, float] = {}
-        """Seconds of this party's work by phase (the secure layer's: encrypt, decrypt, he)."""
+        """Seconds of this party's work by phase (the secure layer's: ``encrypt``,
+        ``decrypt``, ``he``, and ``*_eval`` for evaluation)."""
 
     def handshake(self, batch_size: int) -> None:
         """Exchange what the protocol needs before the first batch (nothing here)."""

@@ -232,7 +232,7 @@ class SecureHostLink(HostLink):
                 product, state = self._forward(node, _bytes(msg, f"a{i}"), None, count, epoch)
                 products[f"y{i}"] = _blob(product)
                 states[node].append(state)
-            self._timed("he", start)
+            self._timed("he_eval", start)
             self._send(EVAL_PRODUCT, node, epoch, {}, products)
         for node in self.collaborators:
             msg = self._receive(EVAL_PROJECTED, node, epoch, "projected evaluation features")
@@ -389,7 +389,7 @@ class SecureCollaboratorLink(CollaboratorLink):
         alphas = [self._features(z) for z in features]
         start = time.perf_counter()
         blobs = {f"a{i}": _blob(layer.encrypt_features(a)) for i, a in enumerate(alphas)}
-        self._timed("encrypt", start)
+        self._timed("encrypt_eval", start)
         body = {"digests": list(digests), "key": self.feature_key, "rows": [len(a) for a in alphas]}
         self._send(EVAL_FEATURES, self.host, epoch, body, blobs)
         msg = self._receive(EVAL_PRODUCT, self.host, epoch, "encrypted evaluation products")
@@ -397,5 +397,5 @@ class SecureCollaboratorLink(CollaboratorLink):
         projected = {
             f"z{i}": self._finish(layer, _bytes(msg, f"y{i}"), a) for i, a in enumerate(alphas)
         }
-        self._timed("decrypt", start)
+        self._timed("decrypt_eval", start)
         self._send(EVAL_PROJECTED, self.host, epoch, {}, projected)
