@@ -45,23 +45,47 @@ EXAMPLES = {  # name: epochs (as in the example's host.yaml), test_fraction, lr,
 }
 
 
-def _federated(name: str, work: Path, seed: int) -> dict[str, Any]:
+def _federated(
+    name: str, work: Path, seed: int, secure: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One simulated federation of an example (its ``secure_*.yaml`` configs with
+    ``secure``): the host's report and the collaborator's."""
+    import json
+
+    from lightning_fed.hetero.strategy import party_dir
     from lightning_fed.simulate import simulate_hetero
 
     ex = ROOT / "examples" / name
-    with open(work / f"{name}-{seed}.log", "w") as log:
+    prefix = "secure_" if secure else ""
+    task = f"{'secure-' if secure else ''}{name.replace('_', '-')}-{seed}"
+    with open(work / f"{task}.log", "w") as log:
         res = simulate_hetero(
-            ex / "host.yaml",
-            [ex / "collaborator.yaml"],
-            workdir=work / f"{name}-{seed}",
-            task_id=name,
+            ex / f"{prefix}host.yaml",
+            [ex / f"{prefix}collaborator.yaml"],
+            workdir=work / task,
+            task_id=task,
             host_args=[f"--seed_everything={seed}"],
             collaborator_args=[f"--seed_everything={seed + 100}"],
             out=log,
         )
     if not res.ok or not res.report:
-        raise SystemExit(f"{name}: the HeteroNN run failed; see {log.name}")
-    return res.report
+        raise SystemExit(f"{task}: the HeteroNN run failed; see {log.name}")
+    node = "collaborator-1"
+    report = party_dir(work / task / node, task, node) / "report.json"
+    return res.report, json.loads(report.read_text())
+
+
+def _later(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The epochs after the first (warm), or the only one."""
+    epochs: list[dict[str, Any]] = report["epochs"]
+    return epochs[1:] or epochs
+
+
+def _arguments(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--only", choices=sorted(EXAMPLES))
+    return parser.parse_args()
 
 
 def _central_parts(name: str, seed: int) -> tuple[Any, Any, Any, Callable[[list[int]], Any]]:
@@ -161,10 +185,7 @@ def _common_ids(name: str) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--only", choices=sorted(EXAMPLES))
-    args = parser.parse_args()
+    args = _arguments(__doc__.splitlines()[0])
     import torch
 
     torch.set_num_threads(1)
@@ -177,7 +198,7 @@ def main() -> None:
             common = _common_ids(name)
             feds, centrals, overheads, bytes_per_batch = [], [], [], []
             for seed in range(args.seeds):
-                report = _federated(name, work, seed)
+                report, _ = _federated(name, work, seed)
                 if report["common_ids"] != len(common):
                     raise SystemExit(
                         f"{name}: PSI found {report['common_ids']} IDs, not {len(common)}"
@@ -185,7 +206,7 @@ def main() -> None:
                 acc, central_batch, batches = _central(name, common, seed)
                 feds.append(report["test_metrics"]["test_acc"])
                 centrals.append(acc)
-                later = report["epochs"][1:] or report["epochs"]
+                later = _later(report)
                 fed_batch = statistics.median(e["train_seconds"] / e["batches"] for e in later)
                 exchange = statistics.median(e["exchange_seconds"] / e["batches"] for e in later)
                 moved = statistics.median(

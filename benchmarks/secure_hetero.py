@@ -23,8 +23,6 @@ bytes the host moves per batch.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -34,37 +32,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks")]
 
-from hetero import EXAMPLES, _central, _common_ids  # noqa: E402 (the sibling script)
-
-
-def _run(name: str, secure: bool, work: Path, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One simulated federation: (the host's report, the collaborator's report)."""
-    from lightning_fed.hetero.strategy import party_dir
-    from lightning_fed.simulate import simulate_hetero
-
-    ex = ROOT / "examples" / name
-    prefix = "secure_" if secure else ""
-    task = f"{'secure-' if secure else ''}{name.replace('_', '-')}-{seed}"
-    folder = work / task
-    with open(work / f"{task}.log", "w") as log:
-        res = simulate_hetero(
-            ex / f"{prefix}host.yaml",
-            [ex / f"{prefix}collaborator.yaml"],
-            workdir=folder,
-            task_id=task,
-            host_args=[f"--seed_everything={seed}"],
-            collaborator_args=[f"--seed_everything={seed + 100}"],
-            out=log,
-        )
-    if not res.ok or not res.report:
-        raise SystemExit(f"{task}: the run failed; see {log.name}")
-    node = "collaborator-1"
-    path = party_dir(folder / node, task, node) / "report.json"
-    return res.report, json.loads(path.read_text())
-
-
-def _later(report: dict[str, Any]) -> list[dict[str, Any]]:
-    return report["epochs"][1:] or report["epochs"]
+from hetero import (  # noqa: E402 (the sibling script)
+    EXAMPLES,
+    _arguments,
+    _central,
+    _common_ids,
+    _federated,
+    _later,
+)
 
 
 def _median(report: dict[str, Any], what: str) -> float:
@@ -76,10 +51,7 @@ def _per_batch(report: dict[str, Any], phase: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--only", choices=sorted(EXAMPLES))
-    args = parser.parse_args()
+    args = _arguments(__doc__.splitlines()[0])
     import torch
 
     torch.set_num_threads(1)
@@ -93,8 +65,8 @@ def main() -> None:
             acc: dict[str, list[float]] = {"secure": [], "plain": [], "central": []}
             ratios, central_ratios = [], []
             for seed in range(args.seeds):
-                host, guest = _run(name, True, work, seed)
-                plain, _ = _run(name, False, work, seed)
+                host, guest = _federated(name, work, seed, secure=True)
+                plain, _ = _federated(name, work, seed)
                 central_acc, central_batch, batches = _central(name, common, seed)
                 acc["secure"].append(host["test_metrics"]["test_acc"])
                 acc["plain"].append(plain["test_metrics"]["test_acc"])

@@ -74,7 +74,15 @@ def half_cnn() -> nn.Module:
     )
 
 
-class DigitsHalfNet(HeteroNNModule):
+class _SGD:
+    """Both parties' optimiser: SGD with the module's ``lr`` and ``momentum``."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams  # type: ignore[attr-defined]
+        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum)  # type: ignore[attr-defined]
+
+
+class DigitsHalfNet(_SGD, HeteroNNModule):
     """A half-digit CNN on every party; the host adds the halves' features and classifies.
 
     Args:
@@ -92,13 +100,8 @@ class DigitsHalfNet(HeteroNNModule):
         if host:
             self.inference_model = nn.Sequential(nn.ReLU(), nn.Linear(WIDTH, 10))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(
-            self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
-        )
 
-
-class SecureDigitsHalfNet(SecureHeteroNNModule):
+class SecureDigitsHalfNet(_SGD, SecureHeteroNNModule):
     """The secure version: each half's features are projected before the sum, and the
     host never sees the collaborator's (CKKS, see docs/secure_hetero.md).
 
@@ -123,11 +126,6 @@ class SecureDigitsHalfNet(SecureHeteroNNModule):
         self.feature_model = half_cnn()
         if host:
             self.inference_model = nn.Sequential(nn.ReLU(), nn.Linear(WIDTH, 10))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(
-            self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
-        )
 
 
 class ComposedDigits(nn.Module):

@@ -147,7 +147,18 @@ class InferModule(nn.Module):
         return F.log_softmax(self.fc2(F.relu(self.fc1(x))), dim=-1)
 
 
-class MnistHalfNet(HeteroNNModule):
+class _SeedTraining:
+    """The seed's loss (NLL on log-probabilities) and optimiser (SGD, lr, momentum)."""
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(output, labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams  # type: ignore[attr-defined]
+        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum)  # type: ignore[attr-defined]
+
+
+class MnistHalfNet(_SeedTraining, HeteroNNModule):
     """The seed's HeteroNN party: a HalfConvNet everywhere, the InferModule on the host.
 
     Args:
@@ -171,17 +182,8 @@ class MnistHalfNet(HeteroNNModule):
         if host:
             self.inference_model = InferModule()
 
-    @override
-    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.nll_loss(output, labels)  # the seed's loss on log-probabilities
 
-    @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum)
-
-
-class SecureMnistHalfNet(SecureHeteroNNModule):
+class SecureMnistHalfNet(_SeedTraining, SecureHeteroNNModule):
     """The seed's secure HeteroNN party: HalfConvNet, a 20 -> 20 projection per half
     (CKKS for the collaborator's, see docs/secure_hetero.md), the InferModule on the host.
 
@@ -207,15 +209,6 @@ class SecureMnistHalfNet(SecureHeteroNNModule):
         self.feature_model = HalfConvNet()
         if host:
             self.inference_model = InferModule()
-
-    @override
-    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.nll_loss(output, labels)
-
-    @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum)
 
 
 class ComposedMnist(nn.Module):

@@ -115,19 +115,22 @@ class HeteroNNModule(pl.LightningModule):
     ) -> HostLink | CollaboratorLink:
         """The exchange for this party's ``role`` (called by the strategy; the secure
         module returns its encrypted one)."""
+        self._check_role(role)
         if role == "host":
             return HostLink(channel, collaborators, self.feature_key, session, timeout)
         return CollaboratorLink(channel, host, self.feature_key, session, timeout)
 
-    def connect(self, link: HostLink | CollaboratorLink) -> None:
-        """Called by the strategy: the exchange this party's steps use."""
-        if isinstance(link, HostLink) != self.is_host:
-            role = "host" if isinstance(link, HostLink) else "collaborator"
+    def _check_role(self, role: str) -> None:
+        if (role == "host") != self.is_host:
             has = "has" if self.is_host else "has no"
             raise HeteroError(
                 f"this party runs as a {role}, but its module {has} inference_model; hint: "
                 "set self.inference_model on the host only"
             )
+
+    def connect(self, link: HostLink | CollaboratorLink) -> None:
+        """Called by the strategy: the exchange this party's steps use."""
+        self._check_role("host" if isinstance(link, HostLink) else "collaborator")
         self._link = link
 
     def _host_link(self) -> HostLink:

@@ -39,9 +39,15 @@ def run(root: Path, ranges: dict[str, Any], timeout: float = 240, **opts: Any) -
 
 
 def central(
-    nodes: list[str], train_ids: list[int], epochs: int, batch_size: int, frozen: Any = ()
+    nodes: list[str],
+    train_ids: list[int],
+    epochs: int,
+    batch_size: int,
+    frozen: Any = (),
+    model: L.LightningModule | None = None,
 ) -> Any:
-    model = parties.Composed(nodes, frozen=frozen)
+    """``model`` (default: the composed plain model) trained in the parties' batch order."""
+    model = model or parties.Composed(nodes, frozen=frozen)
     loader = DataLoader(
         parties.composed_batches(nodes, train_ids, epochs, batch_size), batch_size=None
     )

@@ -74,7 +74,6 @@ class SecureHostLink(HostLink):
 
     Args:
         channel, collaborators, own_key, session, timeout: as :class:`HostLink`.
-        config: every collaborator's projection shape, by feature key.
         shares: the host's share ``W`` of each collaborator's projection, by feature key
             (module buffers, updated in place).
         lr: ``project_layer_lr``.
@@ -89,14 +88,13 @@ class SecureHostLink(HostLink):
         session: str,
         timeout: float,
         *,
-        config: Mapping[str, tuple[int, int]],
         shares: Mapping[str, torch.Tensor],
         lr: float,
         noise_scale: float,
     ) -> None:
         super().__init__(channel, collaborators, own_key, session, timeout)
-        self.config = dict(config)
         self.shares = dict(shares)
+        self.config = {k: (int(v.shape[0]), int(v.shape[1])) for k, v in self.shares.items()}
         self.lr = lr
         self.noise_scale = noise_scale
         self.layers: dict[str, HostLayer] = {}  # by node
@@ -113,7 +111,7 @@ class SecureHostLink(HostLink):
 
     def _layer(self, msg: Message, key: str, batch_size: int) -> HostLayer:
         node, body = msg.sender, msg.body
-        if key not in self.config or key not in self.shares:
+        if key not in self.config:
             raise HeteroError(
                 f"collaborator {node!r} has feature_key {key!r}, which the host's "
                 f"project_layer_config does not list ({sorted(self.config)}); hint: list "
@@ -288,7 +286,7 @@ class SecureCollaboratorLink(CollaboratorLink):
         self.ckks = ckks
         self.noise_scale = noise_scale
         self.layer: CollaboratorLayer | None = None
-        self._alpha: np.ndarray | None = None
+        self._rows: int | None = None  # of the batch whose features were projected
 
     def handshake(self, batch_size: int) -> None:
         """Make this run's CKKS keys and give the host the public part."""
@@ -341,7 +339,7 @@ class SecureCollaboratorLink(CollaboratorLink):
         projected = self._finish(layer, _bytes(msg, "y"), alpha)
         self._timed("decrypt", start)
         self._send(PROJECTED, self.host, step, {"digest": digest}, {"z": projected})
-        self._alpha = alpha
+        self._rows = alpha.shape[0]
 
     def _finish(self, layer: CollaboratorLayer, product: bytes, alpha: np.ndarray) -> torch.Tensor:
         try:
@@ -360,7 +358,7 @@ class SecureCollaboratorLink(CollaboratorLink):
         if self._stop_word(msg):
             return None
         self._check_batch(msg, step, digest)
-        if self._alpha is None or self._alpha.shape[0] != like.shape[0]:
+        if self._rows != like.shape[0]:
             raise HeteroError(f"gradients for step {step} before its features were projected")
         start = time.perf_counter()
         try:
@@ -371,7 +369,7 @@ class SecureCollaboratorLink(CollaboratorLink):
             raise HeteroError(f"the host's encrypted gradients are unusable: {exc}") from None
         self._timed("decrypt", start)
         self._send(UPDATE, self.host, step, {"digest": digest}, {"u": torch.from_numpy(reply)})
-        self._alpha = None
+        self._rows = None
         grad = check_tensor(
             torch.from_numpy(input_grad),
             rows=like.shape[0],

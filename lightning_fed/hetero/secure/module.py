@@ -159,22 +159,15 @@ class SecureHeteroNNModule(HeteroNNModule):
         session: str,
         timeout: float,
     ) -> HostLink | CollaboratorLink:
-        if (role == "host") != self.is_host:
-            has = "has" if self.is_host else "has no"
-            raise HeteroError(
-                f"this party runs as a {role}, but its module {has} inference_model; hint: "
-                "set self.inference_model on the host only"
-            )
+        self._check_role(role)
         shares = self._shares()
         if role == "host":
-            config = {k: v for k, v in self.project_layer_config.items() if k != self.feature_key}
             return SecureHostLink(
                 channel,
                 collaborators,
                 self.feature_key,
                 session,
                 timeout,
-                config=config,
                 shares=shares,
                 lr=self.project_layer_lr,
                 noise_scale=self.noise_scale,

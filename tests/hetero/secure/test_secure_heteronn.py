@@ -6,34 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from tests.hetero import parties
 from tests.hetero.secure.leaks import KnownValues
-from tests.hetero.test_heteronn import errors_of, load_saved, part, run
+from tests.hetero.test_heteronn import central, errors_of, load_saved, part, run
 
 pytestmark = pytest.mark.slow
 RANGES = {"host": (0, 70), "c1": (10, 80), "c2": (5, 75)}
-
-
-def central_secure(nodes: list[str], train_ids: list[int], epochs: int) -> parties.SecureComposed:
-    model = parties.SecureComposed(nodes)
-    loader = DataLoader(
-        parties.composed_batches(nodes, train_ids, epochs, batch_size=8), batch_size=None
-    )
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
-    trainer.fit(model, train_dataloaders=loader)
-    return model
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -44,7 +25,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def assert_secure_equals_composed(saved: dict[str, Any], nodes: list[str], epochs: int) -> None:
     train_ids = saved["host"]["train_ids"]
-    composed = central_secure(nodes, train_ids, epochs)
+    composed = central(nodes, train_ids, epochs, 8, model=parties.SecureComposed(nodes))
     host = saved["host"]["state"]
     for n in nodes:
         got = part(saved[n]["state"], "feature_model.")
