@@ -14,6 +14,10 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from typing import TYPE_CHECKING, Any
 
+from lightning_fed.logs import install_default_handler
+
+install_default_handler()  # per-round and waiting lines show without any logging set up
+
 if TYPE_CHECKING:
     from lightning_fed.fedavg import FedAvgStrategy
 

@@ -5,6 +5,7 @@ Examples::
     lightning-fed keys new hospital-a --dir keys/
     lightning-fed keys task --task-id mnist-2026 keys/*.pub --out task.json
     lightning-fed keys federation --task-id demo --nodes agg c1 c2 --dir keys/
+    lightning-fed check s3://bucket/federation --create-bucket
     lightning-fed inspect s3://bucket/federation --task-id mnist-2026
     lightning-fed clean s3://bucket/federation --task-id mnist-2026 --yes
     lightning-fed simulate --aggregator agg.yaml --client client.yaml --clients 3
@@ -23,10 +24,13 @@ from typing import TYPE_CHECKING, Any
 from lightning_fed import __version__
 from lightning_fed.channel import (
     ChannelError,
+    ConfigError,
     NodeIdentity,
     TaskConfig,
+    check_storage,
     inspect_task,
     remove_task,
+    validate_name,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +67,21 @@ def _keys_task(args: argparse.Namespace) -> int:
 
 def _keys_federation(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
+    # Every id and file is checked before anything is written, so a corrected rerun
+    # never meets half a federation's keys from a refused one.
+    validate_name(args.task_id, "task id")
+    for node_id in args.nodes:
+        validate_name(node_id, "node id")
+    twice = sorted({n for n in args.nodes if args.nodes.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--nodes lists {', '.join(twice)} more than once; list each node once")
+    present = [str(directory / f"{n}{suffix}") for n in args.nodes for suffix in (".key", ".pub")]
+    present = [p for p in present if Path(p).exists()]
+    if present:
+        raise ConfigError(
+            f"{', '.join(present)} exist already; keys are never overwritten; hint: choose "
+            "another --dir, or delete them if you really mean to replace those identities"
+        )
     publics = []
     for node_id in args.nodes:
         _, public = NodeIdentity.generate(node_id).save(directory)
@@ -76,6 +95,14 @@ def _keys_federation(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     summary = inspect_task(args.url, args.task_id, _storage_options(args.storage_options))
     print("\n".join(summary.lines()))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    options = _storage_options(args.storage_options)
+    for line in check_storage(args.url, options, create_bucket=args.create_bucket):
+        print(f"ok: {line}")
+    print(f"{args.url} is ready for a federation")
     return 0
 
 
@@ -232,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"HeteroNN: extra LightningCLI argument for {who} (repeatable)",
         )
     sim.set_defaults(func=_simulate)
+
+    check = sub.add_parser(
+        "check",
+        help="check that a channel URL works for a federation (reach, write, list, read, delete)",
+    )
+    check.add_argument("url", help="the channel URL (local path, file://, s3://...)")
+    check.add_argument("--storage-options", help="fsspec options as a JSON object")
+    check.add_argument(
+        "--create-bucket",
+        action="store_true",
+        help="make the object store's bucket first if it does not exist",
+    )
+    check.set_defaults(func=_check)
 
     for name, func, text in (
         ("inspect", _inspect, "show unread messages and stored tensors of a task"),

@@ -11,7 +11,6 @@ each organisation runs it with its own config (channel on S3, its own node id).
 from __future__ import annotations
 
 import itertools
-import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -20,21 +19,14 @@ from pathlib import Path
 import lightning.pytorch as L
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_fed.channel import ChannelError
-from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.errors import LightningFedError, setting_errors
 from lightning_fed.fedavg.strategy import FedAvgStrategy
-from lightning_fed.hetero import HeteroError, HeteroNNStrategy
-from lightning_fed.hetero.psi import PsiError
+from lightning_fed.hetero import HeteroNNStrategy
 
 
 def _quiet_known_noise() -> None:
     # Lightning on recent torch warns about its own pytree use on every batch.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    fed = logging.getLogger("lightning_fed")
-    fed.addHandler(handler)
-    fed.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,15 +36,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, value in itertools.pairwise(args):
         if flag == "--config":  # the config's folder resolves class_path: module.Class
             sys.path.insert(0, str(Path(value).resolve().parent))
-    cli = LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=None if argv is None else args,
-        save_config_kwargs={"overwrite": True},
-    )
+    with setting_errors() as wrong:
+        try:
+            cli = LightningCLI(
+                L.LightningModule,
+                L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                run=False,
+                args=None if argv is None else args,
+                save_config_kwargs={"overwrite": True},
+            )
+        except ValueError as exc:  # a wrong value in the config: one line, not a traceback
+            named = [e for e in wrong if str(e) in str(exc)]
+            if not named:
+                raise
+            print(f"lightning-fed party: error in the configuration: {named[0]}", file=sys.stderr)
+            return 2
     strategy = cli.trainer.strategy
     if isinstance(strategy, HeteroNNStrategy):
         return _run_hetero(cli, strategy)
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 metrics = report["test_metrics"]
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
                 print(f"client {strategy.node_id}: the global model's test: {shown}", flush=True)
-    except (FedAvgError, ChannelError) as exc:
+    except LightningFedError as exc:
         print(f"lightning-fed party {strategy.node_id}: error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -85,7 +85,7 @@ def _run_hetero(cli: LightningCLI, strategy: HeteroNNStrategy) -> int:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         if cli.trainer.state.status.value == "finished":
             cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=strategy.role == "host")
-    except (HeteroError, PsiError, ChannelError) as exc:
+    except LightningFedError as exc:
         print(f"lightning-fed party {strategy.node_id}: error: {exc}", file=sys.stderr)
         return 1
     return 0

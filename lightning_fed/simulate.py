@@ -3,28 +3,36 @@
 It makes a work folder with every node's keys and a local-directory channel, then
 starts the aggregator and N clients from their LightningCLI YAML configs
 (``python -m lightning_fed.party``), each a fresh Python process. Every line a party
-prints is prefixed with its node id. Ctrl-C stops every party; the exit status is
-non-zero when any party failed.
+prints is prefixed with its node id. A simulation is a rehearsal: the first party
+that fails stops every other one at once, and its error is repeated at the end.
+Ctrl-C or SIGTERM stops every party too; the exit status is non-zero when any party
+failed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from lightning_fed.channel import NodeIdentity, TaskConfig
+from lightning_fed.channel import NodeIdentity, TaskConfig, validate_name
 
 AGGREGATOR = "aggregator"
 STOP_GRACE = 15.0  # seconds a party gets to stop after Ctrl-C before it is killed
+TAIL_LINES = 40  # lines of each party's output kept to name its error
+#: What ``simulate`` passes to every client's datamodule (``--data.init_args.NAME``).
+CLIENT_DATA_ARGUMENTS = ("client_index", "num_clients")
 
 
 def client_id(index: int) -> str:
@@ -40,10 +48,26 @@ class Party:
     command: list[str]
     process: subprocess.Popen[bytes] | None = None
     pump: threading.Thread | None = field(default=None, repr=False)
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES), repr=False)
 
     @property
     def returncode(self) -> int | None:
         return None if self.process is None else self.process.returncode
+
+    def error(self) -> str:
+        """The party's own error, from the end of what it printed."""
+        lines = [line for line in self.tail if line.strip()]
+        raised = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+        said = [i for i, line in enumerate(lines) if _ERROR_WORD.search(line)]
+        if raised and (not said or raised[-1] >= said[-1]):
+            return lines[raised[-1]].strip()  # a traceback's last line
+        if said:
+            return "\n".join(lines[said[-1] :][:8]).strip()
+        return "\n".join(lines[-5:]).strip() or "(it printed nothing)"
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+_ERROR_WORD = re.compile(r"\berror\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,8 @@ class SimulationResult:
     workdir: Path
     returncodes: dict[str, int]
     report: dict[str, Any] | None
+    #: The first party that failed and its error, or None when none failed.
+    first_failure: tuple[str, str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -95,11 +121,14 @@ def party_command(
     ]
 
 
-def _pump(stream: IO[bytes], prefix: str, out: IO[str], lock: threading.Lock) -> None:
+def _pump(
+    stream: IO[bytes], prefix: str, out: IO[str], lock: threading.Lock, tail: deque[str]
+) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace").rstrip("\n")
         for part in line.split("\r"):  # progress bars redraw with \r: one line each
             if part.strip():
+                tail.append(part)
                 with lock:
                     out.write(f"{prefix}{part}\n")
                     out.flush()
@@ -193,18 +222,21 @@ def simulate(
                 client_id(i), party_command(cli_cfg, client_id(i), "client", root, task_id, extra)
             )
         )
-    codes, interrupted = _run_parties(parties, [agg_cfg, cli_cfg], threads, out)
+    codes, interrupted, failure = _run_parties(parties, [agg_cfg, cli_cfg], threads, out)
     report_path = root / AGGREGATOR / "fedavg" / task_id / AGGREGATOR / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     if interrupted:
         raise KeyboardInterrupt
-    return SimulationResult(root, codes, report)
+    return SimulationResult(root, codes, report, failure)
 
 
 def _prepare(
     workdir: str | os.PathLike[str], task_id: str, nodes: Sequence[str], configs: Sequence[Path]
 ) -> Path:
     """Check the configs and the work folder, write the keys, make the channel folder."""
+    validate_name(task_id, "task id")
+    for node in nodes:
+        validate_name(node, "node id")
     for path in configs:
         if not path.is_file():
             raise FileNotFoundError(f"no LightningCLI config at {str(path)!r}")
@@ -268,58 +300,103 @@ def simulate_hetero(
     for node, cfg in zip(collaborators, cfgs):
         extra = [f"--trainer.strategy.init_args.host={HOST}", *collaborator_args]
         parties.append(Party(node, party_command(cfg, node, "collaborator", root, task_id, extra)))
-    codes, interrupted = _run_parties(parties, [host_cfg, *cfgs], threads, out)
+    codes, interrupted, failure = _run_parties(parties, [host_cfg, *cfgs], threads, out)
     if interrupted:
         raise KeyboardInterrupt
     from lightning_fed.hetero.strategy import party_dir  # torch only once parties ran
 
     report_path = party_dir(root / HOST, task_id, HOST) / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    return SimulationResult(root, codes, report)
+    return SimulationResult(root, codes, report, failure)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the simulation as Ctrl-C does (in the main thread; else unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_parties(
     parties: Sequence[Party], configs: Sequence[Path], threads: int | None, out: IO[str]
-) -> tuple[dict[str, int], bool]:
-    """Start every party, prefix its lines, wait; the first party leads (see _wait_all)."""
+) -> tuple[dict[str, int], bool, tuple[str, str] | None]:
+    """Start every party, prefix its lines, wait; the first failure stops every party.
+
+    Returns:
+        Each party's exit status, whether Ctrl-C/SIGTERM stopped the simulation, and
+        the first party that failed with its error.
+    """
     env = _environment(configs, threads, len(parties))
     width = max(len(p.node_id) for p in parties)
     lock = threading.Lock()
     interrupted = False
-    try:
-        for party in parties:
-            party.process = subprocess.Popen(
-                party.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-            )
-            assert party.process.stdout is not None
-            party.pump = threading.Thread(
-                target=_pump,
-                args=(party.process.stdout, f"[{party.node_id:<{width}}] ", out, lock),
-                daemon=True,
-            )
-            party.pump.start()
-        _wait_all(parties, out)
-    except KeyboardInterrupt:
-        interrupted = True
-        out.write("simulate: Ctrl-C, stopping every party\n")
-        _stop_all(parties)
+    failure: Party | None = None
+    with _sigterm_as_interrupt():
+        try:
+            for party in parties:
+                party.process = subprocess.Popen(
+                    party.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+                )
+                assert party.process.stdout is not None
+                party.pump = threading.Thread(
+                    target=_pump,
+                    args=(
+                        party.process.stdout,
+                        f"[{party.node_id:<{width}}] ",
+                        out,
+                        lock,
+                        party.tail,
+                    ),
+                    daemon=True,
+                )
+                party.pump.start()
+            failure = _wait_all(parties, out)
+        except KeyboardInterrupt:
+            interrupted = True
+            out.write("simulate: interrupted (Ctrl-C or SIGTERM), stopping every party\n")
+            out.flush()
+            _stop_all(parties)
     for party in parties:
         if party.pump is not None:
             party.pump.join(timeout=5)
     codes = {p.node_id: (p.returncode if p.returncode is not None else -1) for p in parties}
-    return codes, interrupted
+    return codes, interrupted, None if failure is None else (failure.node_id, failure.error())
 
 
-def _wait_all(parties: Sequence[Party], out: IO[str]) -> None:
-    """Wait for every party; if the aggregator fails, stop the clients at once."""
-    aggregator = parties[0]
-    assert aggregator.process is not None
-    while any(p.process is not None and p.process.poll() is None for p in parties):
-        code = aggregator.process.poll()
-        if code not in (None, 0):
-            out.write(f"simulate: the aggregator failed (exit {code}); stopping the clients\n")
-            _stop_all(parties)
-            return
+def _wait_all(parties: Sequence[Party], out: IO[str]) -> Party | None:
+    """Wait for every party; the first that fails stops the others at once.
+
+    Returns:
+        The first party that exited with a non-zero status, if any.
+    """
+    while True:
+        running = False
+        for party in parties:
+            assert party.process is not None
+            code = party.process.poll()
+            if code is None:
+                running = True
+            elif code != 0:
+                if any(p.process is not None and p.process.poll() is None for p in parties):
+                    out.write(
+                        f"simulate: {party.node_id} failed (exit {code}); stopping every "
+                        "other party\n"
+                    )
+                    out.flush()
+                    _stop_all(parties)
+                return party
+        if not running:
+            return None
         time.sleep(0.2)
 
 
@@ -340,9 +417,23 @@ def _stop_all(parties: Sequence[Party]) -> None:
 
 
 def _status_lines(result: SimulationResult) -> list[str]:
-    return [
+    lines = [
         f"  {n}: {'ok' if c == 0 else f'FAILED (exit {c})'}" for n, c in result.returncodes.items()
     ]
+    if result.first_failure is not None:
+        node, error = result.first_failure
+        lines.append(f"first failure: {node}: {error}")
+        if node != AGGREGATOR and node != HOST and any(a in error for a in CLIENT_DATA_ARGUMENTS):
+            lines.append(
+                "hint: simulate passes --data.init_args.client_index=I and num_clients=N to "
+                "every client: give the client's datamodule these two __init__ arguments "
+                "(see docs/fedavg.md, 'Simulate')"
+            )
+    return lines
+
+
+def _existing(label: str, path: Path, extra: str = "") -> list[str]:
+    return [f"  {label:<13} {path}{extra}"] if path.exists() else []
 
 
 def describe(result: SimulationResult, task_id: str) -> list[str]:
@@ -350,12 +441,13 @@ def describe(result: SimulationResult, task_id: str) -> list[str]:
     lines = _status_lines(result)
     agg = result.aggregator_dir
     out = agg / "fedavg" / task_id / AGGREGATOR
-    lines += [
-        f"outputs under {result.workdir}:",
-        f"  final model:  {out / 'final.safetensors'} (and final.ckpt)",
-        f"  report:       {out / 'report.json'}",
-        f"  TensorBoard:  tensorboard --logdir {agg / 'lightning_logs'}",
+    found = [
+        *_existing("final model:", out / "final.safetensors", " (and final.ckpt)"),
+        *_existing("report:", out / "report.json"),
     ]
+    if (agg / "lightning_logs").is_dir():
+        found.append(f"  {'TensorBoard:':<13} tensorboard --logdir {agg / 'lightning_logs'}")
+    lines += [f"outputs under {result.workdir}:", *found] if found else ["no outputs were written"]
     if result.report:
         final = result.report.get("test_metrics") or result.report.get("final_metrics") or {}
         shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()))
@@ -370,11 +462,16 @@ def describe_hetero(result: SimulationResult, task_id: str) -> list[str]:
     """Human lines saying how a HeteroNN simulation ended and where its outputs are."""
     lines = _status_lines(result)
     host = result.workdir / HOST
-    lines += [
-        f"outputs under {result.workdir}:",
-        f"  reports:      {result.workdir}/<party>/heteronn/{task_id}/<party>/report.json",
-        f"  TensorBoard:  tensorboard --logdir {host / 'lightning_logs'}",
+    found = [
+        line
+        for node in result.returncodes
+        for line in _existing(
+            "report:", result.workdir / node / "heteronn" / task_id / node / "report.json"
+        )
     ]
+    if (host / "lightning_logs").is_dir():
+        found.append(f"  {'TensorBoard:':<13} tensorboard --logdir {host / 'lightning_logs'}")
+    lines += [f"outputs under {result.workdir}:", *found] if found else ["no outputs were written"]
     if result.report:
         epochs = result.report.get("epochs") or []
         test = result.report.get("test_metrics") or {}

@@ -123,14 +123,16 @@ def test_a_failing_aggregator_stops_the_clients_and_the_exit_code_says_so(
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
     assert "rounds" in out  # the aggregator's own error names the bad setting
-    assert "the aggregator failed" in out and "stopping the clients" in out
+    assert "aggregator failed (exit 2); stopping every other party" in out
     assert "aggregator: FAILED" in out
+    assert "first failure: aggregator: lightning-fed party: error in the configuration: " in out
     # The clients would wait schedule_timeout (120 s) for an acknowledgement.
     assert time.monotonic() - started < 90
     assert processes_mentioning(str(workdir)) == []
 
 
-def test_ctrl_c_stops_every_party(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_every_party(tmp_path: Path, stop: signal.Signals) -> None:
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
         simulate_command(workdir, "--aggregator-arg=--trainer.strategy.init_args.rounds=500"),
@@ -159,12 +161,47 @@ def test_ctrl_c_stops_every_party(tmp_path: Path) -> None:
         proc.kill()
         pytest.fail("the federation never completed round 1:\n" + "".join(seen))
     assert len(processes_mentioning(str(workdir))) >= 3
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     proc.wait(timeout=120)  # STOP_GRACE, then every party is killed: far less than this
     reader.join(timeout=10)
     out = "".join(seen)
     assert proc.returncode == 130, out
     assert "stopping every party" in out
+    assert processes_mentioning(str(workdir)) == []
+
+
+PLAIN_DATA = """
+from digits import DigitsData
+
+
+class PlainData(DigitsData):
+    # A datamodule without the client_index/num_clients arguments that simulate passes.
+    def __init__(self, batch_size: int = 32) -> None:
+        super().__init__(client_index=0, num_clients=1, batch_size=batch_size)
+"""
+
+
+def test_clients_failing_at_start_up_stop_the_simulation_with_the_cause(tmp_path: Path) -> None:
+    (tmp_path / "plain_data.py").write_text(PLAIN_DATA)
+    config = (DIGITS / "client.yaml").read_text()
+    start, end = config.index("data:"), config.index("trainer:")
+    client = tmp_path / "client.yaml"
+    client.write_text(config[:start] + "data:\n  class_path: plain_data.PlainData\n" + config[end:])
+    workdir = tmp_path / "run"
+    command = simulate_command(workdir)
+    command[command.index(str(DIGITS / "client.yaml"))] = str(client)
+    env = {**os.environ, "PYTHONPATH": str(DIGITS)}
+    # The aggregator's schedule_timeout is 120 s: only a simulation that stops at the
+    # clients' failure ends within this bound.
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=110, cwd=tmp_path, env=env
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "failed (exit 2); stopping every other party" in out
+    assert "first failure: client-" in out and "client_index" in out
+    assert "give the client's datamodule these two __init__ arguments" in out
+    assert "final model:" not in out and "report:" not in out  # none was written
     assert processes_mentioning(str(workdir)) == []
 
 

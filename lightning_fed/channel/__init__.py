@@ -28,7 +28,7 @@ from lightning_fed.channel.errors import (
     StorageError,
 )
 from lightning_fed.channel.keys import NodeIdentity, TaskConfig
-from lightning_fed.channel.maintenance import inspect_task, remove_task
+from lightning_fed.channel.maintenance import check_storage, inspect_task, remove_task
 from lightning_fed.channel.names import validate_name
 from lightning_fed.channel.store import Store
 
@@ -48,6 +48,7 @@ __all__ = [
     "Store",
     "TaskConfig",
     "Traffic",
+    "check_storage",
     "inspect_task",
     "remove_task",
     "validate_name",

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from lightning_fed.errors import LightningFedError
 
-class ChannelError(Exception):
+
+class ChannelError(LightningFedError):
     """Base class of every error raised by :mod:`lightning_fed.channel`."""
 
 
@@ -82,12 +84,19 @@ class StorageError(ChannelError):
         url: the storage URL.
     """
 
-    def __init__(self, operation: str, key: str, url: str, cause: BaseException) -> None:
+    def __init__(
+        self, operation: str, key: str, url: str, cause: BaseException, hint: str | None = None
+    ) -> None:
         self.operation = operation
         self.key = key
         self.url = url
         super().__init__(
             f"storage {url!r} failed to {operation} {key!r}: {type(cause).__name__}: {cause}; "
-            "hint: check that the storage is reachable, the bucket or folder exists and the "
-            "credentials in storage_options allow reading and writing there"
+            "hint: "
+            + (
+                hint
+                or "check that the storage is reachable, the bucket or folder exists and the "
+                "credentials in storage_options allow reading and writing there; "
+                f"`lightning-fed check {url}` tries each"
+            )
         )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_fed.channel.errors import StorageError
 from lightning_fed.channel.names import validate_name
 from lightning_fed.channel.store import Store
 
@@ -71,3 +73,50 @@ def remove_task(url: str, task_id: str, storage_options: Mapping[str, Any] | Non
     """Delete everything stored for ``task_id`` under ``url`` (messages and blobs)."""
     validate_name(task_id, "task id")
     Store(url, storage_options).delete_tree(task_id)
+
+
+#: Where :func:`check_storage` writes its probe (never a task's folder).
+PROBE_PREFIX = ".lightning-fed-check"
+
+
+def check_storage(
+    url: str, storage_options: Mapping[str, Any] | None = None, *, create_bucket: bool = False
+) -> list[str]:
+    """Try what a party does with the storage: find it, publish, list, read, delete.
+
+    Args:
+        url: the channel URL.
+        storage_options: fsspec options (credentials, ``endpoint_url``...).
+        create_bucket: make an object store's bucket first if it does not exist.
+
+    Returns:
+        One line per step that passed.
+
+    Raises:
+        StorageError: at the first step that failed, naming it and what to do.
+    """
+    store = Store(url, storage_options)
+    done = []
+    if create_bucket:
+        created = store.create_bucket()
+        if store.bucket is not None:
+            done.append(f"bucket {store.bucket!r} " + ("created" if created else "exists already"))
+    store.check()
+    done.append(f"{url} is reachable" + (f" (bucket {store.bucket!r})" if store.bucket else ""))
+    key = f"{PROBE_PREFIX}/{uuid.uuid4().hex}"
+    payload = uuid.uuid4().bytes
+    store.publish(key, payload)
+    try:
+        done.append("publishing an object works")
+        if key not in store.list_keys(PROBE_PREFIX):
+            raise StorageError(
+                "list", key, url, FileNotFoundError("a fresh listing misses the object just put")
+            )
+        done.append("listing shows it at once")
+        if store.read(key) != payload:
+            raise StorageError("read", key, url, ValueError("the bytes read back differ"))
+        done.append("reading it back gives the same bytes")
+    finally:
+        store.delete(key)
+    done.append("deleting it works")
+    return done

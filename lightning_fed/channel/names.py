@@ -14,8 +14,14 @@ from lightning_fed.channel.errors import InvalidNameError
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _NAME_RULE = (
-    "1 to 128 characters from A-Z a-z 0-9 '_' '-' '.', starting with a letter or digit "
-    "and never containing '..'"
+    "1 to 128 characters from A-Z a-z 0-9 '_' '-' '.', starting with a letter or digit, "
+    "not ending with '.' and never containing '..'"
+)
+#: Names Windows reserves for devices, whatever the case and extension ("nul.txt" too):
+#: Windows hosts, SMB shares and some object-store gateways cannot store them.
+_RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{device}{i}" for device in ("COM", "LPT") for i in range(10)]
 )
 _MAX_TENSOR_NAME = 1024
 
@@ -32,10 +38,21 @@ def validate_name(value: object, what: str = "name") -> str:
     """
     if not isinstance(value, str):
         raise InvalidNameError(f"{what} must be a string, got {type(value).__name__} {value!r}")
-    if not _SAFE_NAME.fullmatch(value) or ".." in value:
+    if not _SAFE_NAME.fullmatch(value) or ".." in value or value.endswith("."):
+        why = ""
+        if value.endswith(".") or value.endswith(" "):
+            why = " (Windows and SMB shares drop a trailing dot or space, so it would collide "
+            why += f"with {value.rstrip('. ')!r})"
         raise InvalidNameError(
-            f"invalid {what} {value!r}: it must be {_NAME_RULE}; "
+            f"invalid {what} {value!r}: it must be {_NAME_RULE}{why}; "
             "hint: use something like 'hospital-a' or 'round.update'"
+        )
+    if value.split(".")[0].upper() in _RESERVED:
+        raise InvalidNameError(
+            f"invalid {what} {value!r}: {value.split('.')[0]!r} is a device name that Windows "
+            "reserves in every folder (CON, PRN, AUX, NUL, COM0-9, LPT0-9, with any extension), "
+            "so Windows hosts and SMB shares cannot store it; hint: use something like "
+            f"'{value.split('.')[0].lower()}-node'"
         )
     return value
 

@@ -24,6 +24,7 @@ import errno
 import mmap
 import os
 import posixpath
+import re
 import stat
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,8 +42,36 @@ PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "mem
 # Where a rename within one directory is atomic.
 RENAME_PROTOCOLS = frozenset({"sftp", "ssh", "smb", "hdfs", "webhdfs", "arrow_hdfs"})
 _BUCKET_PROTOCOLS = PUT_PROTOCOLS - {"memory"}
+#: A first path part such as ``s3:`` or ``gs:bucket``: a URL scheme whose ``//`` is missing.
+_SCHEME_LIKE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]+):(.*)")
 
 T = TypeVar("T")
+
+
+def check_url(url: object) -> str:
+    """``url`` if it can name a storage location, else a :class:`ConfigError`.
+
+    A local path whose first part looks like a URL scheme (``s3:/bucket/fl`` with one
+    slash, ``gs:bucket``) is refused: fsspec would make a local folder named ``s3:``,
+    and every party would wait there alone until its timeout.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(
+            f"channel must be a storage URL or a Channel, got {url!r}; hint: "
+            "channel='s3://bucket/federation' or a local folder"
+        )
+    if "://" in url or "::" in url:
+        return url  # a URL (or an fsspec chain such as simplecache::s3://...)
+    first = url.replace("\\", "/").split("/")[0]
+    scheme = _SCHEME_LIKE.fullmatch(first)
+    if scheme is not None:
+        rest = url[len(scheme.group(1)) + 1 :].lstrip("/")
+        raise ConfigError(
+            f"channel {url!r} is a local path whose first part {first!r} looks like a URL "
+            f"scheme with its '//' missing, so every party would wait in a local folder named "
+            f"{first!r}; hint: channel='{scheme.group(1)}://{rest}'"
+        )
+    return url
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
@@ -60,7 +89,7 @@ class Store:
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        self.url = url
+        self.url = check_url(url)
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
         except (ValueError, ImportError) as exc:
@@ -151,7 +180,29 @@ class Store:
                     bucket,
                     self.url,
                     FileNotFoundError("no such bucket, or the endpoint did not answer"),
+                    hint=f"the bucket must exist before any party starts: the task initiator "
+                    f"makes it once (`lightning-fed check {self.url} --create-bucket`, or the "
+                    "provider's console or CLI), and every organisation's credentials must "
+                    "allow listing, reading, writing and deleting under the URL",
                 )
+
+    @property
+    def bucket(self) -> str | None:
+        """The bucket of an object-store URL (None for local folders and ``memory://``)."""
+        if self.protocols & _BUCKET_PROTOCOLS:
+            return str(self.fs._strip_protocol(self.root).split("/")[0])
+        return None
+
+    def create_bucket(self) -> bool:
+        """Create the URL's bucket if it does not exist; True when it was created."""
+        bucket = self.bucket
+        if bucket is None:
+            return False
+        self._forget(bucket)
+        if self._guard("find bucket", bucket, lambda: self.fs.exists(bucket)):
+            return False
+        self._guard("create bucket", bucket, lambda: self.fs.mkdir(bucket))
+        return True
 
     def publish(
         self, key: str, data: bytes | Sequence[memoryview | bytes], *, durable: bool = True

@@ -23,6 +23,7 @@ from lightning_fed.fedavg.aggregate import TensorSpec, WeightedMean, update_prob
 from lightning_fed.fedavg.config import FedAvgConfig
 from lightning_fed.fedavg.errors import FedAvgError, RoundFailedError
 from lightning_fed.fedavg.selection import sample_clients
+from lightning_fed.logs import WaitNotice
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class AggregatorRole:
         self.channel = channel
         self.config = config
         self.clients: dict[str, str] = dict(clients or {})
+        #: Clients that said they stopped with an error (node id -> their reason).
+        self.failed: dict[str, str] = {}
         self.expected_clients = config.clients or len(channel.peers)
         if config.min_clients > len(channel.peers):
             raise FedAvgError(
@@ -101,13 +104,45 @@ class AggregatorRole:
         else:
             log.info("aggregator: client %s checked in", msg.sender)
         self.clients[msg.sender] = checkin.instance
+        self.failed.pop(msg.sender, None)
         ack = P.CheckInAck(checkin.instance, self.channel.node_id, self.config.rounds)
         self.channel.send(P.CHECKIN_ACK, P.body_of(ack), to=msg.sender)
 
-    def poll_checkins(self) -> None:
-        """Handle every check-in waiting now."""
-        for msg in self.channel.poll(P.CHECKIN):
+    def handle_failed(self, msg: Message) -> str | None:
+        """A client's report that it stopped: drop it from the federation at once.
+
+        Returns:
+            The client's reason, or None when the report is not about a current client
+            process (malformed, or from a process that a newer one replaced).
+        """
+        try:
+            failed = P.Failed.parse(msg.body, msg.sender)
+        except P.ProtocolError as exc:
+            log.warning("aggregator: ignored a malformed failure report: %s", exc)
+            return None
+        known = self.clients.get(msg.sender)
+        if known is not None and known != failed.instance:
+            log.info("aggregator: ignored the failure of a superseded process of %s", msg.sender)
+            return None
+        self.clients.pop(msg.sender, None)
+        self.failed[msg.sender] = failed.reason
+        log.warning(
+            "aggregator: client %s stopped with an error and leaves the federation: %s",
+            msg.sender,
+            failed.reason,
+        )
+        return failed.reason
+
+    def _handle(self, msg: Message) -> None:
+        if msg.kind == P.CHECKIN:
             self.handle_checkin(msg)
+        elif msg.kind == P.FAILED:
+            self.handle_failed(msg)
+
+    def poll_checkins(self) -> None:
+        """Handle every check-in and failure report waiting now."""
+        for msg in self.channel.poll([P.CHECKIN, P.FAILED]):
+            self._handle(msg)
 
     def gather(self) -> list[str]:
         """Wait up to ``schedule_timeout`` for ``clients`` check-ins.
@@ -119,22 +154,36 @@ class AggregatorRole:
         """
         want = self.expected_clients
         deadline = time.monotonic() + self.config.schedule_timeout
-        log.info("aggregator: waiting for %d client(s) to check in", want)
+        log.info(
+            "aggregator: waiting for %d client(s) to check in (up to %g s)",
+            want,
+            self.config.schedule_timeout,
+        )
+        notice = WaitNotice(log, "aggregator: waiting for check-ins", deadline)
         while len(self.clients) < want:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            if self._nobody_else():
+                break  # the clients that failed leave too few to wait for
+            notice.what = (
+                f"aggregator: {len(self.clients)} of {want} clients checked in; waiting for "
+                + ", ".join(sorted(set(self.channel.peers) - set(self.clients) - set(self.failed)))
+            )
             try:
-                msg = self.channel.receive(P.CHECKIN, timeout=left)
+                msg = self.channel.receive([P.CHECKIN, P.FAILED], timeout=min(left, notice.slice()))
             except ChannelTimeoutError:
-                break
-            self.handle_checkin(msg)
+                continue
+            self._handle(msg)
         if len(self.clients) < self.config.min_clients:
-            absent = sorted(set(self.channel.peers) - set(self.clients))
+            absent = sorted(set(self.channel.peers) - set(self.clients) - set(self.failed))
+            failed = "; ".join(f"{k} failed: {v}" for k, v in sorted(self.failed.items()))
             raise FedAvgError(
-                f"only {len(self.clients)} of {want} clients checked in within "
-                f"schedule_timeout={self.config.schedule_timeout:g} s (min_clients="
-                f"{self.config.min_clients}); not heard from: {', '.join(absent) or '-'}; "
+                f"only {len(self.clients)} of {want} clients checked in "
+                + ("" if failed else f"within schedule_timeout={self.config.schedule_timeout:g} s ")
+                + f"(min_clients={self.config.min_clients}); "
+                + (f"{failed}; " if failed else "")
+                + f"not heard from: {', '.join(absent) or '-'}; "
                 "hint: start the clients, check they use the same channel URL and task id, "
                 "or raise schedule_timeout"
             )
@@ -145,6 +194,11 @@ class AggregatorRole:
                 want,
             )
         return sorted(self.clients)
+
+    def _nobody_else(self) -> bool:
+        """Whether failures leave no client that could still check in, or too few."""
+        could = len(self.channel.peers) - len(self.failed)
+        return could < self.config.min_clients or len(self.clients) >= could
 
     # -- rounds --------------------------------------------------------------------
     def run_round(
@@ -187,14 +241,23 @@ class AggregatorRole:
         metrics: dict[str, dict[str, float]] = {}
         rejected: dict[str, str] = {}
         deadline = started + cfg.calculation_timeout
+        notice = WaitNotice(log, f"aggregator: round {round} waits for updates", deadline)
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            if len(samples) + len(waiting) < cfg.min_clients:
+                break  # failures already decided the round
+            notice.what = (
+                f"aggregator: round {round} has {len(samples)} of {len(chosen)} updates; "
+                f"waiting for {', '.join(sorted(waiting))}"
+            )
             try:
-                msg = self.channel.receive([P.UPDATE, P.CHECKIN], timeout=left)
+                msg = self.channel.receive(
+                    [P.UPDATE, P.CHECKIN, P.FAILED], timeout=min(left, notice.slice())
+                )
             except ChannelTimeoutError:
-                break
+                continue
             except BlobIntegrityError as exc:
                 if exc.round == round and exc.sender in waiting:
                     rejected[exc.sender] = exc.reason
@@ -202,6 +265,12 @@ class AggregatorRole:
                 continue
             if msg.kind == P.CHECKIN:
                 self.handle_checkin(msg)
+                continue
+            if msg.kind == P.FAILED:
+                reason = self.handle_failed(msg)
+                if reason is not None and msg.sender in waiting:
+                    rejected[msg.sender] = f"it stopped with an error: {reason}"
+                    waiting.discard(msg.sender)
                 continue
             problem, update = self._judge(msg, round, attempt, waiting, expected)
             if update is None or problem is not None:
@@ -224,11 +293,16 @@ class AggregatorRole:
         if len(samples) < cfg.min_clients:
             detail = "; ".join(f"{k}: {v}" for k, v in sorted(rejected.items()))
             raise RoundFailedError(
-                f"round {round}: {len(samples)} usable update(s) within calculation_timeout="
-                f"{cfg.calculation_timeout:g} s, min_clients={cfg.min_clients}; no update "
-                f"from {', '.join(sorted(waiting)) or '-'}"
+                f"round {round}: {len(samples)} usable update(s), min_clients={cfg.min_clients}"
+                + (
+                    f"; no update from {', '.join(sorted(waiting))} within calculation_timeout="
+                    f"{cfg.calculation_timeout:g} s"
+                    if waiting and time.monotonic() >= deadline
+                    else ""
+                )
                 + (f"; rejected {detail}" if detail else "")
-                + "; hint: check the clients' logs, or raise calculation_timeout"
+                + "; hint: check the clients' logs"
+                + (", or raise calculation_timeout" if waiting else "")
             )
         if waiting:
             log.warning(

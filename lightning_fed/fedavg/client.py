@@ -19,6 +19,7 @@ from lightning_fed.channel import Channel, ChannelTimeoutError, Message
 from lightning_fed.fedavg import protocol as P
 from lightning_fed.fedavg.config import FedAvgConfig
 from lightning_fed.fedavg.errors import FedAvgError, FederationAbortedError, SupersededError
+from lightning_fed.logs import WaitNotice
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,27 @@ class ClientRole:
         deadline = time.monotonic() + self.config.schedule_timeout
         pause = CHECKIN_RETRY[0]
         to = self.aggregator  # None: every peer, the aggregator answers
+        log.info(
+            "client %s: checking in with %s (up to %g s)",
+            self.channel.node_id,
+            f"aggregator {to}" if to else "the aggregator",
+            self.config.schedule_timeout,
+        )
+        notice = WaitNotice(
+            log, f"client {self.channel.node_id}: still waiting for an aggregator", deadline
+        )
         while True:
             self.channel.send(P.CHECKIN, {"instance": self.instance}, to=to)
             wait_until = min(deadline, time.monotonic() + pause)
             while (left := wait_until - time.monotonic()) > 0:
                 try:
                     msg = self.channel.receive(
-                        [P.CHECKIN_ACK, P.CHECKIN], timeout=left, consume=False
+                        [P.CHECKIN_ACK, P.CHECKIN, P.FAILED],
+                        timeout=min(left, notice.slice()),
+                        consume=False,
                     )
                 except ChannelTimeoutError:
-                    break
+                    continue
                 ack = self._ack_for_me(msg)
                 if ack is not None:
                     if not ack.accepted:
@@ -106,9 +118,9 @@ class ClientRole:
             pause = min(pause * 2, CHECKIN_RETRY[1])
 
     def _ack_for_me(self, msg: Message) -> P.CheckInAck | None:
-        """Consume and parse an acknowledgement of this process; drop peers' check-ins."""
-        if msg.kind == P.CHECKIN:
-            self.channel.ack(msg)  # another client's broadcast check-in: not for us
+        """Consume and parse an acknowledgement of this process; drop peers' broadcasts."""
+        if msg.kind in (P.CHECKIN, P.FAILED):
+            self.channel.ack(msg)  # another client's broadcast check-in or failure: not for us
             return None
         try:
             ack = P.CheckInAck.parse(msg.body, msg.sender)
@@ -134,15 +146,21 @@ class ClientRole:
         """
         if self.aggregator is None:
             raise FedAvgError("check_in() first: the aggregator is not known yet")
-        kinds = [*P.INSTRUCTIONS, P.STANDBY, P.CHECKIN, P.CHECKIN_ACK]
+        kinds = [*P.INSTRUCTIONS, P.STANDBY, P.CHECKIN, P.CHECKIN_ACK, P.FAILED]
         deadline = time.monotonic() + self.instruction_timeout
         last = -1 if self.current is None else self.current.round
+        notice = WaitNotice(
+            log,
+            f"client {self.channel.node_id}: waiting for aggregator {self.aggregator}'s next "
+            "instruction",
+            deadline,
+        )
         while (left := deadline - time.monotonic()) > 0:
             try:
-                msg = self.channel.receive(kinds, timeout=left, consume=False)
+                msg = self.channel.receive(kinds, timeout=min(left, notice.slice()), consume=False)
             except ChannelTimeoutError:
-                break
-            if msg.kind in (P.CHECKIN, P.CHECKIN_ACK):
+                continue
+            if msg.kind in (P.CHECKIN, P.CHECKIN_ACK, P.FAILED):
                 self._ack_for_me(msg)  # late duplicates and peers' broadcasts
                 continue
             if msg.sender != self.aggregator:
@@ -164,6 +182,7 @@ class ClientRole:
                     msg.round,
                 )
                 deadline = time.monotonic() + self.instruction_timeout  # the aggregator lives
+                notice.deadline = deadline
                 continue
             instruction = self._instruction(msg, last)
             if instruction is not None:
@@ -286,6 +305,15 @@ class ClientRole:
                 return report
             log.info("client %s: dropped a report of an earlier federation", self.channel.node_id)
         return None
+
+    def report_failure(self, reason: str) -> None:
+        """Tell the aggregator (every peer while it is unknown) that this process stopped.
+
+        The aggregator drops this client at once instead of waiting for its update
+        until ``calculation_timeout``.
+        """
+        body = P.body_of(P.Failed(self.instance, reason[:4000]))
+        self.channel.send(P.FAILED, body, to=self.aggregator)
 
     def upload(
         self,

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lightning_fed.channel.names import validate_name
+from lightning_fed.errors import SettingError
 from lightning_fed.fedavg.selection import participants_per_round
-from lightning_fed.validation import positive_int, seconds
+from lightning_fed.validation import node_name, positive_int, seconds
 
 Role = Literal["client", "aggregator"]
 
@@ -17,7 +17,7 @@ Role = Literal["client", "aggregator"]
 def resolve_role(role: str | None, is_initiator: bool | None) -> Role:
     """``role`` or the seed's ``is_initiator`` flag, as ``"client"`` or ``"aggregator"``."""
     if role is None and is_initiator is None:
-        raise ValueError(
+        raise SettingError(
             "say which role this party plays: role='client' or role='aggregator' "
             "(or the seed's is_initiator=True for the aggregator)"
         )
@@ -25,9 +25,9 @@ def resolve_role(role: str | None, is_initiator: bool | None) -> Role:
     if is_initiator is not None:
         from_flag = "aggregator" if is_initiator else "client"
     if role is not None and role not in ("client", "aggregator"):
-        raise ValueError(f"role must be 'client' or 'aggregator', got {role!r}")
+        raise SettingError(f"role must be 'client' or 'aggregator', got {role!r}")
     if role is not None and from_flag is not None and role != from_flag:
-        raise ValueError(
+        raise SettingError(
             f"role={role!r} contradicts is_initiator={is_initiator!r}; give only one of them"
         )
     return role if role is not None else from_flag  # type: ignore[return-value]
@@ -59,7 +59,7 @@ class FedAvgConfig:
             positive_int("clients", self.clients)
         positive_int("rounds", self.rounds)
         if self.local_epochs is not None and self.local_steps is not None:
-            raise ValueError(
+            raise SettingError(
                 f"give local_epochs ({self.local_epochs!r}) or local_steps "
                 f"({self.local_steps!r}), not both: a round is counted in one unit"
             )
@@ -70,7 +70,7 @@ class FedAvgConfig:
         positive_int("min_clients", self.min_clients)
         positive_int("log_rounds", self.log_rounds)
         if self.clients is not None and self.min_clients > self.clients:
-            raise ValueError(
+            raise SettingError(
                 f"min_clients={self.min_clients} exceeds clients={self.clients}; no round "
                 "could ever succeed; hint: lower min_clients"
             )
@@ -82,25 +82,25 @@ class FedAvgConfig:
             (isinstance(per, int) and not isinstance(per, bool) and per >= 1)
             or (isinstance(per, float) and 0 < per <= 1)
         ):
-            raise ValueError(
+            raise SettingError(
                 f"clients_per_round must be an int >= 1, a fraction in (0, 1] or None (all), "
                 f"got {per!r}"
             )
         if isinstance(per, int) and per < self.min_clients:
-            raise ValueError(
+            raise SettingError(
                 f"clients_per_round={per} is below min_clients={self.min_clients}, so every "
                 "round would fail; hint: sample more clients or lower min_clients"
             )
         seconds("calculation_timeout", self.calculation_timeout)
         seconds("schedule_timeout", self.schedule_timeout)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+            raise SettingError(f"seed must be an int, got {self.seed!r}")
         if (
             isinstance(self.local_keys, str)
             or not isinstance(self.local_keys, Sequence)
             or not all(isinstance(k, str) for k in self.local_keys)
         ):
-            raise ValueError(
+            raise SettingError(
                 f"local_keys must be a list of glob patterns, got {self.local_keys!r}; "
                 "hint: local_keys=['*running_mean', '*running_var']"
             )
@@ -108,13 +108,13 @@ class FedAvgConfig:
         if isinstance(per, float) and self.clients is not None:
             sampled = participants_per_round(per, self.clients)
             if sampled < self.min_clients:
-                raise ValueError(
+                raise SettingError(
                     f"clients_per_round={per} samples {sampled} of clients={self.clients}, below "
                     f"min_clients={self.min_clients}, so every round would fail; hint: sample "
                     "a larger fraction or lower min_clients"
                 )
         if self.aggregator is not None:
-            validate_name(self.aggregator, "aggregator node id")
+            node_name("aggregator node id", self.aggregator)
 
     @property
     def epochs_per_round(self) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from lightning_fed.errors import LightningFedError
 
-class FedAvgError(RuntimeError):
+
+class FedAvgError(LightningFedError, RuntimeError):
     """The federation cannot go on (a failed round, an abort, a misconfiguration)."""
 
 

@@ -10,6 +10,8 @@ Sequence (see docs/fedavg.md for the diagram)::
     client      -> aggregator   update        {attempt, instance, num_samples, metrics} + weights
     aggregator  -> every client finish        {report, instances}   + final weights
     aggregator  -> every client abort         {reason}              (the federation failed)
+    client      -> aggregator   failed        {instance, reason}    (this client stopped; the
+                                                                     aggregator goes on without it)
     aggregator  -> every client report        {report}   (after its final test, with test_metrics)
 
 Bodies come from peers, so every field is checked before use; a malformed body is a
@@ -31,6 +33,7 @@ UPDATE = "update"
 FINISH = "finish"
 REPORT = "report"
 ABORT = "abort"
+FAILED = "failed"
 
 #: The largest sample count an update may claim (exact in float64).
 MAX_SAMPLES = 2**53
@@ -158,6 +161,19 @@ class Report:
             {"metrics": report.get("test_metrics")}, f"{what}: test_metrics"
         )
         return cls(report, _instances(body, what))
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A client's last word: it stopped with an error (the aggregator goes on without it)."""
+
+    instance: str
+    reason: str
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], sender: str) -> Failed:
+        what = f"failed from {sender!r}"
+        return cls(_field(body, "instance", str, what), _field(body, "reason", str, what)[:4000])
 
 
 @dataclass(frozen=True)

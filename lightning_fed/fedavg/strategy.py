@@ -24,15 +24,16 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_fed.channel import Channel
-from lightning_fed.channel.credentials import load_credentials
 from lightning_fed.fedavg.aggregator import AggregatorRole
 from lightning_fed.fedavg.client import ClientRole
 from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
-from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.fedavg.errors import FedAvgError, FederationAbortedError, SupersededError
 from lightning_fed.fedavg.hooks import AggregatorHooks, ClientHooks
 from lightning_fed.fedavg.progress import RoundProgressBar
+from lightning_fed.node import Endpoint
 from lightning_fed.outputs import save_report, scalar_metrics
 from lightning_fed.trainer_access import callbacks_of
+from lightning_fed.validation import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -152,33 +153,17 @@ class FedAvgStrategy(SingleDeviceStrategy):
             state_dir=state_dir,
             output_dir=output_dir,
         )
-        if isinstance(channel, Channel):
-            for name, value, actual in (
-                ("task_id", task_id, channel.task.task_id),
-                ("node_id", node_id, channel.node_id),
-            ):
-                if value is not None and value != actual:
-                    raise ValueError(f"{name}={value!r} differs from the channel's {actual!r}")
-            self._channel_arg: str | Channel = channel
-            self.task_id, self.node_id = channel.task.task_id, channel.node_id
-        else:
-            if not isinstance(channel, str) or not channel:
-                raise ValueError(
-                    f"channel must be a storage URL or a Channel, got {channel!r}; hint: "
-                    "channel='s3://bucket/federation' or a local folder"
-                )
-            if not task_id or not node_id:
-                raise ValueError(
-                    "task_id and node_id are required with a channel URL, got "
-                    f"task_id={task_id!r}, node_id={node_id!r}"
-                )
-            self._channel_arg = channel
-            self.task_id, self.node_id = task_id, node_id
-        self.keys = Path(keys)
-        self.task_config_path = Path(task_config) if task_config else self.keys / "task.json"
-        self.key_path = Path(key_file) if key_file else self.keys / f"{self.node_id}.key"
-        self.storage_options = dict(storage_options or {})
-        self.max_model_bytes = max_model_bytes
+        self.endpoint = Endpoint.resolve(
+            channel,
+            task_id,
+            node_id,
+            keys=keys,
+            task_config=task_config,
+            key_file=key_file,
+            storage_options=storage_options,
+        )
+        self.task_id, self.node_id = self.endpoint.task_id, self.endpoint.node_id
+        self.max_model_bytes = positive_int("max_model_bytes", max_model_bytes)
         self._channel: Channel | None = None
         #: The federation's report once ``fit`` ended: on the aggregator the whole report
         #: (with ``test_metrics`` after ``test``), on a client the summary that came with
@@ -260,20 +245,9 @@ class FedAvgStrategy(SingleDeviceStrategy):
                 callbacks_of(trainer)[i] = bar
 
     def _open_channel(self, trainer: pl.Trainer) -> Channel:
-        if isinstance(self._channel_arg, Channel):
-            channel = self._channel_arg
-        else:
-            task, identity = load_credentials(
-                self.task_id, self.node_id, self.task_config_path, self.key_path, self.keys
-            )
-            channel = Channel(
-                self._channel_arg,
-                task,
-                identity,
-                storage_options=self.storage_options,
-                max_blob_bytes=self.max_model_bytes,
-                state_dir=self.state_dir(trainer),
-            )
+        channel = self.endpoint.make_channel(
+            max_blob_bytes=self.max_model_bytes, state_dir=self.state_dir(trainer)
+        )
         self._channel = channel.connect()
         return channel
 
@@ -317,6 +291,24 @@ class FedAvgStrategy(SingleDeviceStrategy):
             log.warning("aggregator: could not send the test metrics to the clients: %s", exc)
         else:
             log.info("aggregator: test metrics sent to the clients")
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """A client that fails tells the aggregator at once, with the reason."""
+        super().on_exception(exception)
+        if self.role != "client" or isinstance(exception, FederationAbortedError | SupersededError):
+            return  # the aggregator knows already, or another process serves this node
+        reason = f"{type(exception).__name__}: {exception}".strip()
+        try:
+            hooks, channel = self._hooks, self._channel
+            if isinstance(hooks, ClientHooks):
+                hooks.role.report_failure(reason)
+            elif channel is not None:
+                ClientRole(channel, self.config).report_failure(reason)
+        except Exception as exc:  # never hide the original failure
+            log.warning("client %s: could not tell the aggregator: %s", self.node_id, exc)
+        else:
+            log.info("client %s: told the aggregator that this client stopped", self.node_id)
 
     def receive_test_report(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Client, after ``fit``: wait for the aggregator's final test metrics.

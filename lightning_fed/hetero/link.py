@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lightning_fed.channel import BlobIntegrityError, Channel, ChannelTimeoutError, Message
+from lightning_fed.errors import LightningFedError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ ABORT = "abort"
 OFFER, PLAN = "hetero-offer", "hetero-plan"
 
 
-class HeteroError(RuntimeError):
+class HeteroError(LightningFedError, RuntimeError):
     """Split learning cannot go on: a party is silent, misaligned or sent bad tensors."""
 
 

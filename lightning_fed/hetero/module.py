@@ -27,6 +27,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_fed.channel import Channel
+from lightning_fed.errors import SettingError
 from lightning_fed.hetero.data import HeteroBatch, HeteroDataModule
 from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink
 from lightning_fed.hetero.order import batch_digest, batches
@@ -56,7 +57,7 @@ class HeteroNNModule(pl.LightningModule):
         # when normal attribute lookup fails, so a class-level None would hide them.
         self.inference_model = None
         if not isinstance(feature_key, str) or not feature_key:
-            raise ValueError(f"feature_key must be a non-empty string, got {feature_key!r}")
+            raise SettingError(f"feature_key must be a non-empty string, got {feature_key!r}")
         self.feature_key = feature_key
         self.is_feature_trainable = is_feature_trainable
         self._link: HostLink | CollaboratorLink | None = None

@@ -26,15 +26,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_fed.channel import Channel
-from lightning_fed.channel.credentials import load_credentials
+from lightning_fed.errors import SettingError
 from lightning_fed.hetero.data import HeteroDataModule
 from lightning_fed.hetero.hooks import HeteroHooks
 from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink, Link, Offer
 from lightning_fed.hetero.module import HeteroNNModule
 from lightning_fed.hetero.psi import private_intersection
 from lightning_fed.hetero.recovery import checkpoint_path, ids_digest, saved_epochs
+from lightning_fed.node import Endpoint
 from lightning_fed.trainer_access import callbacks_of, restore_during_setup
-from lightning_fed.validation import positive_int, seconds
+from lightning_fed.validation import node_name, positive_int, seconds
 
 log = logging.getLogger(__name__)
 
@@ -116,32 +117,45 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         super().__init__(device="cpu")
         self.parallel_devices: list[torch.device] | None = None  # set by the Trainer
         if role not in ("host", "collaborator"):
-            raise ValueError(f"role must be 'host' or 'collaborator', got {role!r}")
+            raise SettingError(f"role must be 'host' or 'collaborator', got {role!r}")
         if role == "host" and not collaborators:
-            raise ValueError("the host needs collaborators=[...]: the other parties' node ids")
+            raise SettingError("the host needs collaborators=[...]: the other parties' node ids")
         if role == "collaborator" and not host:
-            raise ValueError("a collaborator needs host=...: the host's node id")
+            raise SettingError("a collaborator needs host=...: the host's node id")
         self.calculation_timeout = seconds("calculation_timeout", calculation_timeout)
         self.schedule_timeout = seconds("schedule_timeout", schedule_timeout)
         if log_rounds is not None:
             positive_int("log_rounds", log_rounds)
             if role != "host":
-                raise ValueError(
+                raise SettingError(
                     f"log_rounds={log_rounds} is the host's setting; a collaborator follows the "
                     "host's validation schedule; hint: leave it out on collaborators"
                 )
-        if isinstance(channel, Channel):
-            task_id, node_id = channel.task.task_id, channel.node_id
-        elif not task_id or not node_id:
-            raise ValueError("task_id and node_id are required with a channel URL")
-        self._channel_arg = channel
-        self.task_id, self.node_id, self.role = task_id, node_id, role
-        self.host = node_id if role == "host" else host
-        self.collaborators = list(collaborators or [])
-        self.keys = Path(keys)
-        self.task_config_path = Path(task_config) if task_config else self.keys / "task.json"
-        self.key_path = Path(key_file) if key_file else self.keys / f"{node_id}.key"
-        self.storage_options = dict(storage_options or {})
+        self.endpoint = Endpoint.resolve(
+            channel,
+            task_id,
+            node_id,
+            keys=keys,
+            task_config=task_config,
+            key_file=key_file,
+            storage_options=storage_options,
+        )
+        self.task_id, self.node_id = self.endpoint.task_id, self.endpoint.node_id
+        self.role = role
+        self.host = self.node_id if role == "host" else node_name("host node id", host)
+        if isinstance(collaborators, str):
+            raise SettingError(
+                f"collaborators must be a list of node ids, got the string {collaborators!r}; "
+                f"hint: collaborators=[{collaborators!r}]"
+            )
+        self.collaborators = [node_name("collaborator node id", c) for c in collaborators or []]
+        if len(set(self.collaborators)) != len(self.collaborators) or (
+            self.node_id in self.collaborators
+        ):
+            raise SettingError(
+                f"collaborators={self.collaborators} must be distinct node ids other than the "
+                f"host's {self.node_id!r}; hint: list each collaborator once"
+            )
         self.psi_workers = psi_workers
         self.poll_interval = (
             None if poll_interval is None else seconds("poll_interval", poll_interval)
@@ -178,16 +192,7 @@ class HeteroNNStrategy(SingleDeviceStrategy):
 
     def _open_channel(self) -> Channel:
         if self._channel is None:
-            if isinstance(self._channel_arg, Channel):
-                channel = self._channel_arg
-            else:
-                task, identity = load_credentials(
-                    self.task_id, self.node_id, self.task_config_path, self.key_path, self.keys
-                )
-                channel = Channel(
-                    self._channel_arg, task, identity, storage_options=self.storage_options
-                )
-            self._channel = channel.connect()
+            self._channel = self.endpoint.make_channel().connect()
             if self.poll_interval is not None:
                 self._channel.set_polling(min(POLL_FIRST, self.poll_interval), self.poll_interval)
             elif self._channel.store.local:

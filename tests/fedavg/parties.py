@@ -39,9 +39,10 @@ class TinyNet(L.LightningModule):
 
     def __init__(self, lr: float = 0.1, momentum: float = 0.0, opts: dict[str, Any] | None = None):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, 2))
-        self.lr, self.momentum = lr, momentum
         self.opts = opts or {}
+        hidden = int(self.opts.get("hidden", 8))  # another width does not fit the global model
+        self.net = nn.Sequential(nn.Linear(FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+        self.lr, self.momentum = lr, momentum
         self.epochs_done = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -281,6 +281,42 @@ def test_too_few_updates_fail_the_round_and_abort_clients(fed: Any) -> None:
     assert "aborted the federation" in f.log("c1")
 
 
+def test_a_client_that_fails_is_dropped_at_once_with_its_reason(fed: Any) -> None:
+    """c2's model does not fit the global weights: it says so, and nobody waits for it.
+
+    The aggregator's calculation_timeout (900 s) is far beyond the test's wait, so the
+    federation can only finish if c2's failure reached the aggregator at once.
+    """
+    f = fed("c1", "c2")
+    slow = {"schedule_timeout": 120, "calculation_timeout": 900}
+    f.start("c1", "client", slow)
+    f.start("c2", "client", slow, {"opts": {"hidden": 16}})
+    f.start("agg", "aggregator", {**slow, "rounds": 2, "min_clients": 1})
+    codes = f.wait(timeout=240)
+    assert codes == {"c1": 0, "c2": 1, "agg": 0}, f.log("agg") + f.log("c2")
+    rounds = f.report()["rounds"]
+    assert list(rounds[0]["samples"]) == ["c1"]
+    assert "stopped with an error" in rounds[0]["rejected"]["c2"]
+    assert "shape" in rounds[0]["rejected"]["c2"]  # the client's own reason
+    assert list(rounds[1]["samples"]) == ["c1"] and rounds[1]["rejected"] == {}
+    assert f.report()["clients"] == ["c1"]
+    assert "client c2 stopped with an error and leaves the federation" in f.log("agg")
+
+
+def test_failures_below_min_clients_fail_the_round_at_once(fed: Any) -> None:
+    f = fed("c1", "c2")
+    slow = {"schedule_timeout": 120, "calculation_timeout": 900}
+    f.start("c1", "client", slow, {"opts": {"slow_every_round": 1.0}})
+    f.start("c2", "client", slow, {"opts": {"hidden": 16}})
+    f.start("agg", "aggregator", {**slow, "rounds": 2, "min_clients": 2})
+    codes = f.wait(timeout=240)
+    assert codes == {"c1": 1, "c2": 1, "agg": 1}, f.log("agg")
+    agg = f.log("agg")
+    assert "RoundFailedError" in agg and "min_clients=2" in agg
+    assert "c2: it stopped with an error" in agg and "shape" in agg
+    assert "aborted the federation" in f.log("c1")
+
+
 def test_nan_weights_rejected_round_goes_on(fed: Any) -> None:
     f = fed("c1", "c2")
     f.start("c1", "client", FAST)

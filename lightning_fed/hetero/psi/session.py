@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lightning_fed.channel import Channel, ChannelTimeoutError, Message
+from lightning_fed.errors import LightningFedError
 
 START, JOIN, GO = "psi-start", "psi-join", "psi-go"
 
 
-class SessionError(RuntimeError):
+class SessionError(LightningFedError, RuntimeError):
     """The parties could not agree on a run in time."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from lightning_fed.channel import BlobIntegrityError, Channel, ChannelTimeoutError, Message
+from lightning_fed.errors import LightningFedError
 from lightning_fed.hetero.psi.ecdh import (
     IdLike,
     InvalidPointError,
@@ -49,7 +50,7 @@ BLINDED = "psi-blinded"
 DOUBLE = "psi-double"
 
 
-class PsiError(RuntimeError):
+class PsiError(LightningFedError, RuntimeError):
     """The intersection could not be computed (timeout, or a peer's bad message)."""
 
 

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from lightning_fed.errors import SettingError
+
 try:
     import tenseal as ts
     import tenseal.sealapi as seal
@@ -40,7 +42,7 @@ Vector = NDArray[np.float64]
 MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
 
-class CKKSError(ValueError):
+class CKKSError(SettingError):
     """Bad CKKS parameters, or keys and ciphertexts that do not fit them."""
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_fed.channel import Channel
+from lightning_fed.errors import SettingError
 from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink
 from lightning_fed.hetero.module import HeteroNNModule
 from lightning_fed.hetero.secure.ckks import CKKSParams
@@ -54,17 +55,17 @@ def parse_layer_config(config: Iterable[Sequence[Any]]) -> LayerConfig:
     for entry in config:
         entry = tuple(entry)
         if len(entry) != 3:
-            raise ValueError(
+            raise SettingError(
                 f"project_layer_config entry {entry!r} is not (feature_key, input_dim, output_dim)"
             )
         key, n, m = entry
         if not isinstance(key, str) or not key or "." in key:
-            raise ValueError(f"feature key {key!r} must be a non-empty string without '.'")
+            raise SettingError(f"feature key {key!r} must be a non-empty string without '.'")
         for name, value in (("input_dim", n), ("output_dim", m)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} of {key!r} must be a positive int, got {value!r}")
+                raise SettingError(f"{name} of {key!r} must be a positive int, got {value!r}")
         if key in out:
-            raise ValueError(f"feature key {key!r} appears twice in project_layer_config")
+            raise SettingError(f"feature key {key!r} appears twice in project_layer_config")
         out[key] = (n, m)
     return out
 
@@ -99,20 +100,22 @@ class SecureHeteroNNModule(HeteroNNModule):
         super().__init__(feature_key, is_feature_trainable)
         self.project_layer_config = parse_layer_config(project_layer_config)
         if feature_key not in self.project_layer_config:
-            raise ValueError(
+            raise SettingError(
                 f"project_layer_config lists {sorted(self.project_layer_config)}, not this "
                 f"party's feature_key {feature_key!r}; hint: list every party's projection"
             )
         lr = float(project_layer_lr)
         if not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"project_layer_lr must be a positive number, got {project_layer_lr}")
+            raise SettingError(
+                f"project_layer_lr must be a positive number, got {project_layer_lr}"
+            )
         self.project_layer_lr = lr
         if isinstance(ckks, Mapping):
             ckks = CKKSParams.from_dict(dict(ckks))
         self.ckks = ckks or CKKSParams()
         scale = float(noise_scale)
         if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"noise_scale must be a positive number, got {noise_scale}")
+            raise SettingError(f"noise_scale must be a positive number, got {noise_scale}")
         self.noise_scale = scale
         self.projection = None
         self.secure_shares = nn.Module()

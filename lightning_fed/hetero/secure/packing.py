@@ -38,6 +38,8 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from lightning_fed.errors import SettingError
+
 T = TypeVar("T")
 Vector = NDArray[np.float64]
 
@@ -86,7 +88,7 @@ class PlainOps:
         return np.zeros(self.slots)
 
 
-class PackingError(ValueError):
+class PackingError(SettingError):
     """A layer does not fit one ciphertext with these CKKS parameters."""
 
 

@@ -1,0 +1,10 @@
+"""What every party shares, whatever its role: where it meets the others and who it is.
+
+- :class:`Endpoint`: the channel URL (or a :class:`~lightning_fed.channel.Channel`),
+  the task and node ids and the key files, checked where they enter.
+- :func:`check_channel_url`: refuses local paths that look like mistyped URLs.
+"""
+
+from lightning_fed.node.endpoint import Endpoint, check_channel_url
+
+__all__ = ["Endpoint", "check_channel_url"]
