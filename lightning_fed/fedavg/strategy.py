@@ -30,7 +30,7 @@ from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
 from lightning_fed.fedavg.errors import FedAvgError, FederationAbortedError, SupersededError
 from lightning_fed.fedavg.hooks import AggregatorHooks, ClientHooks
 from lightning_fed.fedavg.progress import RoundProgressBar
-from lightning_fed.node import Endpoint
+from lightning_fed.node import Endpoint, NodeBusyError, Presence
 from lightning_fed.outputs import save_report, scalar_metrics
 from lightning_fed.trainer_access import callbacks_of
 from lightning_fed.validation import positive_int
@@ -165,6 +165,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
         self.task_id, self.node_id = self.endpoint.task_id, self.endpoint.node_id
         self.max_model_bytes = positive_int("max_model_bytes", max_model_bytes)
         self._channel: Channel | None = None
+        self._presence: Presence | None = None
         #: The federation's report once ``fit`` ended: on the aggregator the whole report
         #: (with ``test_metrics`` after ``test``), on a client the summary that came with
         #: the finish (with ``test_metrics`` after :meth:`receive_test_report`).
@@ -212,6 +213,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
         if trainer.state.fn != TrainerFn.FITTING:
             return  # validate/test/predict run locally on the model as it is
         channel = self._open_channel(trainer)
+        self._claim_node(channel)
         module = self.lightning_module
         assert module is not None
         hooks: AggregatorHooks | ClientHooks
@@ -243,6 +245,13 @@ class FedAvgStrategy(SingleDeviceStrategy):
                 bar = RoundProgressBar(self.config.rounds, refresh_rate=cb.refresh_rate, leave=True)
                 bar.setup(trainer, self.lightning_module, "fit")  # type: ignore[arg-type]  # callbacks' setup already ran
                 callbacks_of(trainer)[i] = bar
+
+    def _claim_node(self, channel: Channel) -> None:
+        """Make sure no other live process runs this node id (see :class:`Presence`)."""
+        if self._presence is None:
+            presence = Presence(channel)
+            presence.acquire()
+            self._presence = presence
 
     def _open_channel(self, trainer: pl.Trainer) -> Channel:
         channel = self.endpoint.make_channel(
@@ -296,7 +305,9 @@ class FedAvgStrategy(SingleDeviceStrategy):
     def on_exception(self, exception: BaseException) -> None:
         """A client that fails tells the aggregator at once, with the reason."""
         super().on_exception(exception)
-        if self.role != "client" or isinstance(exception, FederationAbortedError | SupersededError):
+        if self.role != "client" or isinstance(
+            exception, FederationAbortedError | SupersededError | NodeBusyError
+        ):
             return  # the aggregator knows already, or another process serves this node
         reason = f"{type(exception).__name__}: {exception}".strip()
         try:
@@ -368,6 +379,9 @@ class FedAvgStrategy(SingleDeviceStrategy):
         if hooks is not None and trainer is not None and hooks in callbacks_of(trainer):
             callbacks_of(trainer).remove(hooks)
         self._hooks, self._trainer = None, None
+        if self._presence is not None:
+            self._presence.release()
+            self._presence = None
         if self._channel is not None:
             self._channel.close()
             self._channel = None

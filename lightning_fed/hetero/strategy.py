@@ -33,7 +33,7 @@ from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink, L
 from lightning_fed.hetero.module import HeteroNNModule
 from lightning_fed.hetero.psi import private_intersection
 from lightning_fed.hetero.recovery import checkpoint_path, ids_digest, saved_epochs
-from lightning_fed.node import Endpoint
+from lightning_fed.node import Endpoint, NodeBusyError, Presence
 from lightning_fed.trainer_access import callbacks_of, restore_during_setup
 from lightning_fed.validation import node_name, positive_int, seconds
 
@@ -165,6 +165,7 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         self._state_dir = Path(state_dir) if state_dir is not None else None
         self._output_dir = Path(output_dir) if output_dir is not None else None
         self._channel: Channel | None = None
+        self._presence: Presence | None = None
         self._session: str | None = None
         self._alignment: dict[str, Any] = {}
         self._hooks: HeteroHooks | None = None
@@ -193,6 +194,10 @@ class HeteroNNStrategy(SingleDeviceStrategy):
     def _open_channel(self) -> Channel:
         if self._channel is None:
             self._channel = self.endpoint.make_channel().connect()
+        if self._presence is None:  # one live process per node id
+            presence = Presence(self._channel)
+            presence.acquire()
+            self._presence = presence
             if self.poll_interval is not None:
                 self._channel.set_polling(min(POLL_FIRST, self.poll_interval), self.poll_interval)
             elif self._channel.store.local:
@@ -294,10 +299,17 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         )
 
     @override
+    def teardown(self) -> None:
+        if self._presence is not None:
+            self._presence.release()
+            self._presence = None
+        super().teardown()
+
+    @override
     def on_exception(self, exception: BaseException) -> None:
         """Tell the other parties this one stopped, so that none waits for its timeout."""
         super().on_exception(exception)
-        if self._channel is None or self._session is None:
+        if self._channel is None or self._session is None or isinstance(exception, NodeBusyError):
             return
         peers = self.collaborators if self.role == "host" else [self.host or ""]
         link = Link(self._channel, self._session, self.calculation_timeout)

@@ -3,8 +3,10 @@
 - :class:`Endpoint`: the channel URL (or a :class:`~lightning_fed.channel.Channel`),
   the task and node ids and the key files, checked where they enter.
 - :func:`check_channel_url`: refuses local paths that look like mistyped URLs.
+- :class:`Presence`: one live process per node id (a restart after a crash is fine).
 """
 
 from lightning_fed.node.endpoint import Endpoint, check_channel_url
+from lightning_fed.node.presence import NodeBusyError, Presence
 
-__all__ = ["Endpoint", "check_channel_url"]
+__all__ = ["Endpoint", "NodeBusyError", "Presence", "check_channel_url"]

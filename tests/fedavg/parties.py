@@ -59,6 +59,11 @@ class TinyNet(L.LightningModule):
         round = self.epochs_done + 1
         if self.opts.get("die_in_round") == round:
             os.kill(os.getpid(), signal.SIGKILL)
+        hold = self.opts.get("hold_in_round")  # (round, path): wait until the test says go
+        if hold is not None and hold[0] == round:
+            deadline = time.monotonic() + 240
+            while not Path(hold[1]).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self.opts.get("slow_in_round") == round:
             time.sleep(float(self.opts["slow_seconds"]))
         time.sleep(float(self.opts.get("slow_every_round", 0)))
@@ -152,6 +157,8 @@ def run_party(
         deterministic=True,
     )
     model = TinyNet(party.get("lr", 0.1), party.get("momentum", 0.0), party.get("opts"))
+    if party.get("dry_run"):  # measures how long a party takes to get this far
+        return
     data_seed, n = party.get("data_seed", 0), party.get("n", 64)
     batch = party.get("batch_size", 16)
     data = dataset(data_seed, n)

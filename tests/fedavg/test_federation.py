@@ -71,6 +71,26 @@ class Federation:
     def out(self, node: str) -> Path:
         return self.root / node / "fedavg" / "t" / node
 
+    def startup_seconds(self, count: int) -> float:
+        """How long ``count`` processes started together take to build their Trainers.
+
+        Deadlines that must cover a party's start-up derive from this, so that a loaded
+        machine lengthens them instead of failing the test.
+        """
+        started = time.monotonic()
+        procs = [
+            CTX.Process(
+                target=parties.run_party,
+                args=(str(self.root), f"dry-{i}", "client", {}, {"dry_run": True}),
+            )
+            for i in range(count)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(300)
+        return time.monotonic() - started
+
     def wait_for_log(self, node: str, text: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.log(node):
@@ -247,20 +267,27 @@ def test_partial_participation_follows_the_seeded_draw_and_idle_clients_wait(
 ) -> None:
     """One of 3 clients per round; c2 is never drawn (seed 1) yet stays to the finish.
 
-    Each round takes over 3 s, so the 6 rounds outlast a client's wait for one
-    instruction (calculation_timeout + schedule_timeout = 16 s): c2 gets through only
-    because the aggregator tells the clients it left out of a round to keep waiting.
+    The 6 rounds outlast a client's wait for one instruction (calculation_timeout +
+    schedule_timeout): c2 gets through only because the aggregator tells the clients it
+    left out of a round to keep waiting. The clients check in before the aggregator
+    starts, so schedule_timeout only has to cover the aggregator's start-up: twice
+    the start-up measured on this machine now.
     """
     from lightning_fed.fedavg.selection import sample_clients
 
     f = fed("c1", "c2", "c3")
     draw = [sample_clients(f.clients, 1, seed=1, round=r) for r in range(1, 7)]
     assert all(d != ["c2"] for d in draw)
-    timeouts = {"calculation_timeout": 4, "schedule_timeout": 12}
-    f.start("agg", "aggregator", {**timeouts, "rounds": 6, "clients_per_round": 1, "seed": 1})
-    f.wait_for_log("agg", "waiting for 3 client(s)")
+    schedule = max(12.0, 2 * f.startup_seconds(1))
+    margin = 4.0  # a picked client's own training and upload
+    per_round = (schedule + 2 * margin) / 4  # the picked client's round
+    # 6 rounds last 1.5 (schedule + 2 margin) > the wait schedule + per_round + margin.
+    timeouts = {"calculation_timeout": per_round + margin, "schedule_timeout": schedule}
     for c in f.clients:
-        f.start(c, "client", timeouts, {"opts": {"slow_every_round": 3.0}})
+        f.start(c, "client", timeouts, {"opts": {"slow_every_round": per_round}})
+    for c in f.clients:
+        f.wait_for_log(c, f"client {c}: checking in", timeout=300)
+    f.start("agg", "aggregator", {**timeouts, "rounds": 6, "clients_per_round": 1, "seed": 1})
     assert f.wait() == {"agg": 0, "c1": 0, "c2": 0, "c3": 0}, f.log("agg") + f.log("c2")
     report = f.report()
     assert [sorted(r["samples"]) for r in report["rounds"]] == draw
@@ -378,16 +405,41 @@ def test_aggregator_killed_in_round_3_resumes_with_recovery(fed: Any) -> None:
     assert "resuming after round 2" in f.log("agg")
 
 
-def test_node_started_twice_later_process_supersedes(fed: Any) -> None:
+def test_a_client_started_twice_the_second_is_refused_naming_the_first(fed: Any) -> None:
     f = fed("c1", "c2")
+    go = f.root / "go"  # c2 holds round 2 until the second c1 has been refused
     f.start("c1", "client", FAST, key="c1-first")
-    f.start("c2", "client", FAST, {"opts": {"slow_every_round": 1.5}})
-    f.start("agg", "aggregator", {**FAST, "rounds": 8, "calculation_timeout": 10})
-    f.wait_for_log("agg", "round 1 started")
+    f.start("c2", "client", FAST, {"opts": {"hold_in_round": (2, str(go))}})
+    f.start("agg", "aggregator", {**FAST, "rounds": 4, "calculation_timeout": 300})
+    f.wait_for_log("agg", "round 2 started")
     f.start("c1", "client", FAST, key="c1-second")
+    f.wait_for_log("c1", "already runs as instance", timeout=240)
+    go.touch()
     codes = f.wait()
-    assert codes["agg"] == 0 and codes["c1-second"] == 0 and codes["c2"] == 0, f.log("agg")
-    assert codes["c1-first"] == 1
-    assert "SupersededError" in f.log("c1")
-    assert "checked in again from a new process" in f.log("agg")
-    assert f.report()["rounds_completed"] == 8
+    assert codes == {"c1-first": 0, "c2": 0, "agg": 0, "c1-second": 1}, f.log("agg") + f.log("c1")
+    said = f.log("c1")
+    assert "NodeBusyError" in said and "node 'c1' of task 't' already runs as instance" in said
+    assert "checked in again" not in f.log("agg")  # the second never reached the federation
+    report = f.report()
+    assert report["rounds_completed"] == 4
+    assert all(sorted(r["samples"]) == ["c1", "c2"] for r in report["rounds"])
+
+
+def test_an_aggregator_started_twice_the_second_is_refused_and_nothing_is_lost(fed: Any) -> None:
+    f = fed("c1")
+    go = f.root / "go"  # c1 holds round 2 until the second aggregator has been refused
+    slow = {**FAST, "rounds": 4, "calculation_timeout": 300}
+    f.start("c1", "client", slow, {"opts": {"hold_in_round": (2, str(go))}})
+    f.start("agg", "aggregator", slow, key="agg-first")
+    f.wait_for_log("agg", "round 2 started")
+    f.start("agg", "aggregator", slow, key="agg-second")
+    f.wait_for_log("agg", "already runs as instance", timeout=240)
+    go.touch()
+    codes = f.wait()
+    assert codes == {"c1": 0, "agg-first": 0, "agg-second": 1}, f.log("agg")
+    assert "node 'agg' of task 't' already runs as instance" in f.log("agg")
+    assert "restarted round" not in f.log("c1")  # every round trained once
+    assert f.report()["rounds_completed"] == 4
+    final = _weights(f.out("agg") / "final.safetensors")  # the first's, untouched
+    theirs = _weights(f.out("c1") / "final.safetensors")
+    assert all(torch.equal(final[k], theirs[k]) for k in final)

@@ -251,3 +251,29 @@ def test_another_batch_size_is_named_before_training(tmp_path: Path) -> None:
     codes = run(tmp_path, ranges, calculation_timeout=30, batch_sizes={"c1": 6})
     assert codes == {"host": 1, "c1": 1}
     assert "collaborator 'c1' has batch_size=6, the host 8" in error_of(tmp_path, "host")
+
+
+@pytest.mark.parametrize("twice", ["host", "c1"])
+def test_a_party_started_twice_runs_once_and_the_other_is_refused(
+    tmp_path: Path, twice: str
+) -> None:
+    """Two live processes of one node id: one takes part, the other stops, naming it."""
+    ranges = {"host": (0, 60), "c1": (10, 70)}
+    make_keys(tmp_path, "t", list(ranges))
+    start = [*ranges, twice]
+    procs = [
+        CTX.Process(target=parties.run_party, args=(str(tmp_path), n, list(ranges), ranges, {}))
+        for n in start
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    codes = sorted((n, p.exitcode) for n, p in zip(start, procs))
+    other = "c1" if twice == "host" else "host"
+    assert sorted(codes) == sorted([(other, 0), (twice, 0), (twice, 1)]), errors_of(
+        tmp_path, list(ranges)
+    )
+    refused = error_of(tmp_path, twice)
+    assert refused.startswith(f"NodeBusyError: node {twice!r} of task 't' already runs as")
+    assert (tmp_path / f"{twice}.pt").is_file()  # the one that ran finished and saved
