@@ -427,7 +427,7 @@ def _status_lines(result: SimulationResult) -> list[str]:
             lines.append(
                 "hint: simulate passes --data.init_args.client_index=I and num_clients=N to "
                 "every client: give the client's datamodule these two __init__ arguments "
-                "(see docs/fedavg.md, 'Simulate')"
+                "(see docs/fedavg.md, 'Simulating your own configs')"
             )
     return lines
 
