@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_fed.channel import Channel
+from lightning_fed.channel import Channel, ChannelError
 from lightning_fed.fedavg.aggregator import AggregatorRole
 from lightning_fed.fedavg.client import ClientRole
 from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
@@ -316,6 +316,11 @@ class FedAvgStrategy(SingleDeviceStrategy):
                 hooks.role.report_failure(reason)
             elif channel is not None:
                 ClientRole(channel, self.config).report_failure(reason)
+            elif isinstance(exception, ChannelError):
+                return  # the storage or the keys failed: there is no way to tell anyone
+            else:  # failed before the channel opened (its data, its model's setup)
+                with self.endpoint.make_channel(max_blob_bytes=self.max_model_bytes) as early:
+                    ClientRole(early, self.config).report_failure(reason)
         except Exception as exc:  # never hide the original failure
             log.warning("client %s: could not tell the aggregator: %s", self.node_id, exc)
         else:

@@ -48,6 +48,10 @@ class TinyNet(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def setup(self, stage: str) -> None:
+        if self.opts.get("fail_in_setup"):  # before the strategy opens its channel
+            raise RuntimeError("the data folder /data/hospital-b is missing")
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self(x), y)

@@ -330,6 +330,24 @@ def test_a_client_that_fails_is_dropped_at_once_with_its_reason(fed: Any) -> Non
     assert "client c2 stopped with an error and leaves the federation" in f.log("agg")
 
 
+def test_a_client_that_fails_before_checking_in_is_not_waited_for(fed: Any) -> None:
+    """c2 fails in its model's setup, before its channel opens: it still tells the aggregator.
+
+    The aggregator's schedule_timeout (900 s) is far beyond the test's wait: it starts
+    round 1 only because c2's failure reached it.
+    """
+    f = fed("c1", "c2")
+    slow = {"schedule_timeout": 900, "calculation_timeout": 120}
+    f.start("c1", "client", slow)
+    f.start("c2", "client", slow, {"opts": {"fail_in_setup": True}})
+    f.start("agg", "aggregator", {**slow, "rounds": 1, "min_clients": 1})
+    codes = f.wait(timeout=240)
+    assert codes == {"c1": 0, "c2": 1, "agg": 0}, f.log("agg") + f.log("c2")
+    assert "client c2 stopped with an error and leaves the federation" in f.log("agg")
+    assert "the data folder /data/hospital-b is missing" in f.log("agg")
+    assert f.report()["clients"] == ["c1"]
+
+
 def test_failures_below_min_clients_fail_the_round_at_once(fed: Any) -> None:
     f = fed("c1", "c2")
     slow = {"schedule_timeout": 120, "calculation_timeout": 900}
