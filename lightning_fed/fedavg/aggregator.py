@@ -361,6 +361,23 @@ class AggregatorRole:
             self.channel.send(P.REPORT, body, to=sorted(self.clients))
 
     def abort(self, reason: str) -> None:
-        """Tell every client the federation failed, so none waits for its timeout."""
+        """Tell every client the federation failed, so none waits for its timeout.
+
+        Checked-in clients get ``abort``; clients whose check-in is waiting unanswered get
+        a refusal of that check-in (addressed to their process, so a client started
+        later never mistakes it for its own).
+        """
+        reason = reason[:4000]
         if self.clients:
-            self.channel.send(P.ABORT, {"reason": reason[:4000]}, to=sorted(self.clients))
+            self.channel.send(P.ABORT, {"reason": reason}, to=sorted(self.clients))
+        for msg in self.channel.poll(P.CHECKIN):
+            try:
+                checkin = P.CheckIn.parse(msg.body, msg.sender)
+            except P.ProtocolError:
+                continue
+            if self.clients.get(msg.sender) == checkin.instance:
+                continue  # told by the abort
+            refusal = P.CheckInAck(
+                checkin.instance, self.channel.node_id, self.config.rounds, False, reason
+            )
+            self.channel.send(P.CHECKIN_ACK, P.body_of(refusal), to=msg.sender)

@@ -303,11 +303,16 @@ class FedAvgStrategy(SingleDeviceStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        """A client that fails tells the aggregator at once, with the reason."""
+        """A party that fails tells the others at once, with the reason.
+
+        A client sends the aggregator ``failed``; an aggregator aborts its clients (its
+        hooks do, once the rounds began) and refuses the check-ins waiting for it.
+        """
         super().on_exception(exception)
-        if self.role != "client" or isinstance(
-            exception, FederationAbortedError | SupersededError | NodeBusyError
-        ):
+        if self.role == "aggregator":
+            self._refuse_waiting_clients(exception)
+            return
+        if isinstance(exception, FederationAbortedError | SupersededError | NodeBusyError):
             return  # the aggregator knows already, or another process serves this node
         reason = f"{type(exception).__name__}: {exception}".strip()
         try:
@@ -325,6 +330,17 @@ class FedAvgStrategy(SingleDeviceStrategy):
             log.warning("client %s: could not tell the aggregator: %s", self.node_id, exc)
         else:
             log.info("client %s: told the aggregator that this client stopped", self.node_id)
+
+    def _refuse_waiting_clients(self, exception: BaseException) -> None:
+        """An aggregator that failed before its rounds began answers the waiting check-ins."""
+        if self._hooks is not None or isinstance(exception, ChannelError | NodeBusyError):
+            return  # its hooks abort the clients; or no storage, or not this node's turn
+        reason = f"the aggregator stopped: {type(exception).__name__}: {exception}"
+        try:
+            with self.endpoint.make_channel(max_blob_bytes=self.max_model_bytes) as channel:
+                AggregatorRole(channel, self.config).abort(reason)
+        except Exception as exc:  # never hide the original failure
+            log.warning("aggregator: could not tell the clients about the failure: %s", exc)
 
     def receive_test_report(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Client, after ``fit``: wait for the aggregator's final test metrics.

@@ -348,6 +348,22 @@ def test_a_client_that_fails_before_checking_in_is_not_waited_for(fed: Any) -> N
     assert f.report()["clients"] == ["c1"]
 
 
+def test_an_aggregator_that_fails_at_start_refuses_the_waiting_clients(fed: Any) -> None:
+    f = fed("c1", "c2")
+    slow = {"schedule_timeout": 900, "calculation_timeout": 120}
+    for c in f.clients:
+        f.start(c, "client", slow)
+    for c in f.clients:
+        f.wait_for_log(c, f"client {c}: checking in", timeout=300)
+    f.start("agg", "aggregator", {**slow, "rounds": 2}, {"opts": {"fail_in_setup": True}})
+    codes = f.wait(timeout=240)  # the clients would wait 900 s for an acknowledgement
+    assert codes == {"c1": 1, "c2": 1, "agg": 1}, f.log("agg") + f.log("c1")
+    for c in f.clients:
+        said = f.log(c)
+        assert "the aggregator 'agg' refused: the aggregator stopped: RuntimeError" in said
+        assert "the data folder /data/hospital-b is missing" in said
+
+
 def test_failures_below_min_clients_fail_the_round_at_once(fed: Any) -> None:
     f = fed("c1", "c2")
     slow = {"schedule_timeout": 120, "calculation_timeout": 900}
