@@ -19,16 +19,45 @@ from lightning_fed.logs import install_default_handler
 install_default_handler()  # per-round and waiting lines show without any logging set up
 
 if TYPE_CHECKING:
+    from lightning_fed.errors import LightningFedError, SettingError
     from lightning_fed.fedavg import FedAvgStrategy
+    from lightning_fed.hetero import HeteroDataModule, HeteroNNModule, HeteroNNStrategy
+    from lightning_fed.hetero.secure import SecureHeteroNNModule
 
-__all__ = ["FedAvgStrategy", "__version__"]
+#: Where each public name lives; imported on first use, so that the channel and the
+#: key tools start without importing Lightning.
+_LAZY = {
+    "FedAvgStrategy": "lightning_fed.fedavg",
+    "HeteroDataModule": "lightning_fed.hetero",
+    "HeteroNNModule": "lightning_fed.hetero",
+    "HeteroNNStrategy": "lightning_fed.hetero",
+    "SecureHeteroNNModule": "lightning_fed.hetero.secure",
+    "LightningFedError": "lightning_fed.errors",
+    "SettingError": "lightning_fed.errors",
+}
+
+__all__ = [
+    "FedAvgStrategy",
+    "HeteroDataModule",
+    "HeteroNNModule",
+    "HeteroNNStrategy",
+    "LightningFedError",
+    "SecureHeteroNNModule",
+    "SettingError",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
-    # Lightning is imported only when a strategy is asked for, so that the channel
-    # and the key tools start fast.
-    if name == "FedAvgStrategy":
-        from lightning_fed.fedavg import FedAvgStrategy
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
 
-        return FedAvgStrategy
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_fed.errors import LightningFedError, setting_errors
 from lightning_fed.fedavg.strategy import FedAvgStrategy
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         finished = cli.trainer.state.status.value == "finished"
-        if strategy.role == "aggregator" and finished:
+        if strategy.role == "aggregator" and finished and can_test(cli.model, cli.datamodule):
             cli.trainer.test(cli.model, datamodule=cli.datamodule)
         elif finished and strategy.final_report is not None:
             report = strategy.receive_test_report()
@@ -77,6 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lightning-fed party {strategy.node_id}: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def can_test(model: L.LightningModule, datamodule: L.LightningDataModule | None) -> bool:
+    """Whether ``trainer.test`` has something to run: a ``test_step`` and test data.
+
+    An aggregator that holds no data (no datamodule, or one without test data) or a
+    model without ``test_step`` skips its test instead of failing after the rounds.
+    """
+    return is_overridden("test_step", model) and (
+        datamodule is not None and is_overridden("test_dataloader", datamodule)
+    )
 
 
 def _run_hetero(cli: LightningCLI, strategy: HeteroNNStrategy) -> int:

@@ -22,6 +22,14 @@ class Backend:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[Any]:
+    """``fed("c1", "c2")``: a FedAvg federation of real processes in ``tmp_path``."""
+    from tests.fedavg.parties import federations
+
+    yield from federations(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible HTTP server (moto) on 127.0.0.1 for the whole session."""

@@ -51,7 +51,17 @@ def test_s3_parties_from_their_own_yaml_with_credentials_only_in_storage_options
     agg = party_yaml(
         tmp_path / "coordinator.yaml",
         DIGITS / "aggregator.yaml",
-        {**common, "node_id": "coordinator", "rounds": 1, "min_clients": 1, "clients": 1},
+        {
+            **common,
+            "node_id": "coordinator",
+            "rounds": 1,
+            "min_clients": 1,
+            "clients": 1,
+            "algorithm": {  # chosen on the aggregator only; the client learns it
+                "class_path": "lightning_fed.algorithms.FedProx",
+                "init_args": {"mu": 0.05},
+            },
+        },
         {"num_clients": 1},
     )
     client = party_yaml(
@@ -87,4 +97,27 @@ def test_s3_parties_from_their_own_yaml_with_credentials_only_in_storage_options
         ).read_text()
     )
     assert report["rounds_completed"] == 1 and report["clients"] == ["hospital-a"]
+    assert report["algorithm"] == {"name": "fedprox", "params": {"mu": 0.05}}
+    assert "algorithm FedProx(mu=0.05)" in outputs["hospital-a"]
     assert "the global model's test: test_acc=" in outputs["hospital-a"]
+
+
+def test_the_aggregator_tests_only_with_a_test_step_and_test_data() -> None:
+    """A data-less aggregator, or a model without test_step, skips its final test."""
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader
+
+    from lightning_fed.party import can_test
+    from tests.fedavg.parties import TinyNet, dataset
+
+    class NoTest(TinyNet):
+        test_step = L.LightningModule.test_step
+
+    class WithTest(L.LightningDataModule):
+        def test_dataloader(self) -> DataLoader:
+            return DataLoader(dataset(0, 8))
+
+    assert can_test(TinyNet(), WithTest())
+    assert not can_test(NoTest(), WithTest())  # exited 1 after all its rounds before
+    assert not can_test(TinyNet(), None)  # no datamodule: evaluation is federated only
+    assert not can_test(TinyNet(), L.LightningDataModule())

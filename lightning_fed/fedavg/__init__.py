@@ -5,7 +5,7 @@ functions; :mod:`.aggregator` and :mod:`.client` speak the round protocol over a
 channel; :mod:`.strategy` plugs them into Lightning. See docs/fedavg.md.
 """
 
-from lightning_fed.fedavg.aggregate import WeightedMean, update_problems, weighted_average
+from lightning_fed.algorithms.aggregate import WeightedMean, update_problems, weighted_average
 from lightning_fed.fedavg.errors import (
     FedAvgError,
     FederationAbortedError,

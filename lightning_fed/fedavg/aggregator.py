@@ -1,9 +1,9 @@
 """The aggregator's side of the protocol: check-ins, rounds, streaming aggregation, finish.
 
 No Lightning here: :class:`AggregatorRole` moves messages over a connected
-:class:`~lightning_fed.channel.Channel` and folds updates into a
-:class:`~lightning_fed.fedavg.aggregate.WeightedMean` one at a time, so the peak
-memory is the global model, one accumulator and the one update being read.
+:class:`~lightning_fed.channel.Channel` and folds updates into the algorithm's
+:class:`~lightning_fed.algorithms.Statistic` one at a time, so with FedAvg's the
+peak memory is the global model, one accumulator and the one update being read.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from typing import Any
 
 import torch
 
+from lightning_fed.algorithms import Algorithm, ClientUpdate, FedAvg, RoundAggregate
+from lightning_fed.algorithms.aggregate import TensorSpec, update_problems
+from lightning_fed.algorithms.base import split_extras, with_extras
 from lightning_fed.channel import BlobIntegrityError, Channel, ChannelTimeoutError, Message
 from lightning_fed.fedavg import protocol as P
-from lightning_fed.fedavg.aggregate import TensorSpec, WeightedMean, update_problems
 from lightning_fed.fedavg.config import FedAvgConfig
 from lightning_fed.fedavg.errors import FedAvgError, RoundFailedError
+from lightning_fed.fedavg.evaluation import Evaluation, split_evaluation
 from lightning_fed.fedavg.selection import sample_clients
 from lightning_fed.logs import WaitNotice
 
@@ -30,15 +33,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RoundResult:
-    """What one round produced: the new global tensors and who contributed."""
+    """What one round produced: the algorithm's aggregate and who contributed."""
 
     round: int
-    state: dict[str, torch.Tensor] = field(repr=False)
+    aggregate: RoundAggregate = field(repr=False)
     samples: dict[str, int]
     metrics: dict[str, dict[str, float]]
     rejected: dict[str, str]
     missing: list[str]
     seconds: float
+    #: clients' validations of the round's incoming global model (evaluate_on_clients)
+    evaluations: dict[str, Evaluation] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record of the round for the metrics report."""
@@ -63,13 +68,19 @@ class AggregatorRole:
         channel: a connected channel of the aggregator node.
         config: the FedAvg settings.
         clients: node ids already checked in, with their process instance (recovery).
+        algorithm: the federated algorithm (default: FedAvg).
     """
 
     def __init__(
-        self, channel: Channel, config: FedAvgConfig, clients: Mapping[str, str] | None = None
+        self,
+        channel: Channel,
+        config: FedAvgConfig,
+        clients: Mapping[str, str] | None = None,
+        algorithm: Algorithm | None = None,
     ) -> None:
         self.channel = channel
         self.config = config
+        self.algorithm = algorithm if algorithm is not None else FedAvg()
         self.clients: dict[str, str] = dict(clients or {})
         #: Clients that said they stopped with an error (node id -> their reason).
         self.failed: dict[str, str] = {}
@@ -207,7 +218,10 @@ class AggregatorRole:
         global_state: Mapping[str, torch.Tensor],
         expected: Mapping[str, TensorSpec],
     ) -> RoundResult:
-        """Send the global tensors to the round's clients and average what comes back.
+        """Send the global tensors to the round's clients and fold what comes back.
+
+        The algorithm's round tensors travel with the global model; each update's
+        model and extras are checked before the algorithm's statistic folds them in.
 
         Raises:
             RoundFailedError: fewer than ``min_clients`` usable updates arrived in time.
@@ -222,24 +236,30 @@ class AggregatorRole:
                 f"{cfg.min_clients}; hint: start more clients or lower min_clients"
             )
         attempt = secrets.token_hex(8)
+        algorithm = self.algorithm
         body = P.RoundStart(
             attempt,
             cfg.epochs_per_round,
             {c: self.clients[c] for c in chosen},
             cfg.local_steps,
+            algorithm.describe(),
+            cfg.evaluate_on_clients,
         )
-        self.channel.send(P.ROUND, P.body_of(body), to=chosen, round=round, tensors=global_state)
+        tensors = with_extras(global_state, algorithm.round_tensors())
+        self.channel.send(P.ROUND, P.body_of(body), to=chosen, round=round, tensors=tensors)
+        del tensors
         log.info("aggregator: round %d started with %s", round, ", ".join(chosen))
         idle = sorted(set(self.clients) - set(chosen))
         if idle:  # so that clients left out of many rounds in a row do not time out
             standby = P.Standby({c: self.clients[c] for c in idle})
             self.channel.send(P.STANDBY, P.body_of(standby), to=idle, round=round)
 
-        mean = WeightedMean()
+        statistic = algorithm.statistic()
         waiting = set(chosen)
         samples: dict[str, int] = {}
         metrics: dict[str, dict[str, float]] = {}
         rejected: dict[str, str] = {}
+        evaluations: dict[str, Evaluation] = {}
         deadline = started + cfg.calculation_timeout
         notice = WaitNotice(log, f"aggregator: round {round} waits for updates", deadline)
         while waiting:
@@ -284,7 +304,14 @@ class AggregatorRole:
                     rejected[msg.sender] = str(problem)  # it will not send another one
                     waiting.discard(msg.sender)
                 continue
-            mean.add(msg.tensors, update.num_samples)
+            tensors, states = split_evaluation(msg.tensors)
+            model, extras = split_extras(tensors)
+            statistic.add(ClientUpdate(msg.sender, model, update.num_samples, extras))
+            del model, extras, tensors
+            if update.evaluation is not None:
+                evaluation = self._evaluation(update.evaluation, states, msg.sender)
+                if evaluation is not None:
+                    evaluations[msg.sender] = evaluation
             samples[msg.sender] = update.num_samples
             metrics[msg.sender] = update.metrics
             waiting.discard(msg.sender)
@@ -313,12 +340,13 @@ class AggregatorRole:
             )
         return RoundResult(
             round=round,
-            state=mean.compute(),
+            aggregate=statistic.result(),
             samples=samples,
             metrics=metrics,
             rejected=rejected,
             missing=sorted(waiting),
             seconds=time.monotonic() - started,
+            evaluations=evaluations,
         )
 
     def _judge(
@@ -342,17 +370,87 @@ class AggregatorRole:
             return "it comes from a superseded process of this client", None
         if msg.sender not in waiting:
             return "its sender was not asked for an update in this round or already sent one", None
-        problems = update_problems(expected, msg.tensors)
+        tensors, _ = split_evaluation(msg.tensors)
+        problems = update_problems(with_extras(expected, self.algorithm.upload_spec()), tensors)
         if problems:
             return "bad weights: " + "; ".join(problems[:5]), update
         return None, update
 
+    @staticmethod
+    def _evaluation(
+        body: Mapping[str, Any], states: Mapping[str, torch.Tensor], sender: str
+    ) -> Evaluation | None:
+        try:
+            return Evaluation.decode(body, states, sender)
+        except ValueError as exc:  # the update itself is fine; only its evaluation is not
+            log.warning("aggregator: ignored the evaluation of %s: %s", sender, exc)
+            return None
+
     # -- the end -------------------------------------------------------------------
-    def finish(self, final_state: Mapping[str, torch.Tensor], report: dict[str, Any]) -> None:
-        """Publish the final global tensors and the report to every client."""
+    def finish(
+        self,
+        final_state: Mapping[str, torch.Tensor],
+        report: dict[str, Any],
+        evaluate_round: int | None = None,
+    ) -> None:
+        """Publish the final global tensors and the report to every client.
+
+        Args:
+            evaluate_round: ask every client to validate the final model, reporting
+                it as this round's (see :meth:`collect_evaluations`).
+        """
         if self.clients:
-            body = {"report": report, "instances": dict(self.clients)}
+            body: dict[str, Any] = {"report": report, "instances": dict(self.clients)}
+            if evaluate_round is not None:
+                body["evaluate_round"] = evaluate_round
             self.channel.send(P.FINISH, body, to=sorted(self.clients), tensors=final_state)
+
+    def collect_evaluations(self, round: int) -> dict[str, Evaluation]:
+        """After a finish that asked for them: every client's validation of the final model.
+
+        Waits until each finished client answered, said it failed, or
+        ``calculation_timeout`` passed (then goes on with what came).
+        """
+        waiting = set(self.clients)
+        got: dict[str, Evaluation] = {}
+        deadline = time.monotonic() + self.config.calculation_timeout
+        notice = WaitNotice(log, "aggregator: waiting for the final evaluations", deadline)
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            notice.what = (
+                f"aggregator: waiting for the final evaluation of {', '.join(sorted(waiting))}"
+            )
+            try:
+                msg = self.channel.receive(
+                    [P.EVALUATION, P.FAILED], timeout=min(left, notice.slice())
+                )
+            except ChannelTimeoutError:
+                continue
+            except BlobIntegrityError as exc:
+                waiting.discard(exc.sender)
+                continue
+            if msg.kind == P.FAILED:
+                if self.handle_failed(msg) is not None:
+                    waiting.discard(msg.sender)
+                continue
+            try:
+                report = P.EvaluationReport.parse(msg.body, msg.sender)
+            except P.ProtocolError as exc:
+                log.warning("aggregator: ignored a malformed evaluation: %s", exc)
+                continue
+            if self.clients.get(msg.sender) != report.instance or msg.sender not in waiting:
+                continue
+            waiting.discard(msg.sender)
+            _, states = split_evaluation(msg.tensors)
+            evaluation = self._evaluation(report.evaluation, states, msg.sender)
+            if evaluation is not None and evaluation.round == round:
+                got[msg.sender] = evaluation
+        if waiting:
+            log.warning(
+                "aggregator: no final evaluation from %s within calculation_timeout=%g s",
+                ", ".join(sorted(waiting)),
+                self.config.calculation_timeout,
+            )
+        return got
 
     def publish_report(self, report: dict[str, Any]) -> None:
         """Send the report with the final test's metrics to every checked-in client."""

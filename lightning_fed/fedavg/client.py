@@ -38,6 +38,7 @@ class Instruction:
     tensors: dict[str, torch.Tensor] = field(repr=False)
     start: P.RoundStart | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    evaluate_round: int | None = None  # finish: validate the final model as this round
 
 
 class ClientRole:
@@ -218,8 +219,13 @@ class ClientRole:
                 return None
             self._settle(msg, grace=FINISH_GRACE)
             report = msg.body.get("report")
+            evaluate = msg.body.get("evaluate_round")
             return Instruction(
-                P.FINISH, msg.round, msg.tensors, report=report if isinstance(report, dict) else {}
+                P.FINISH,
+                msg.round,
+                msg.tensors,
+                report=report if isinstance(report, dict) else {},
+                evaluate_round=evaluate if isinstance(evaluate, int) else None,
             )
         try:
             start = P.RoundStart.parse(msg.body, msg.sender)
@@ -320,13 +326,29 @@ class ClientRole:
         tensors: Mapping[str, torch.Tensor],
         num_samples: int,
         metrics: Mapping[str, float],
+        evaluation: dict[str, Any] | None = None,
     ) -> None:
-        """Send this round's trained tensors and sample count to the aggregator."""
+        """Send this round's trained tensors and sample count to the aggregator.
+
+        ``evaluation`` is the body of this client's validation of the round's global
+        model; its state tensors are among ``tensors``.
+        """
         current = self.current
         if current is None or current.start is None or self.aggregator is None:
             raise FedAvgError("upload() outside a round: wait for next_instruction() first")
-        update = P.Update(current.start.attempt, self.instance, num_samples, dict(metrics))
+        update = P.Update(
+            current.start.attempt, self.instance, num_samples, dict(metrics), evaluation
+        )
         self.channel.prune_sent()
         self.channel.send(
             P.UPDATE, P.body_of(update), to=self.aggregator, round=current.round, tensors=tensors
         )
+
+    def send_evaluation(
+        self, evaluation: dict[str, Any], tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Send this client's validation of the final model (after a finish asking for it)."""
+        if self.aggregator is None:
+            raise FedAvgError("check_in() first: the aggregator is not known yet")
+        body = P.body_of(P.EvaluationReport(self.instance, evaluation))
+        self.channel.send(P.EVALUATION, body, to=self.aggregator, tensors=tensors or None)

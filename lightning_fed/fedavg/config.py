@@ -53,6 +53,7 @@ class FedAvgConfig:
     aggregator: str | None = None
     state_dir: str | os.PathLike[str] | None = None
     output_dir: str | os.PathLike[str] | None = None
+    evaluate_on_clients: bool = False
 
     def __post_init__(self) -> None:
         if self.clients is not None:
@@ -115,6 +116,10 @@ class FedAvgConfig:
                 )
         if self.aggregator is not None:
             node_name("aggregator node id", self.aggregator)
+        if not isinstance(self.evaluate_on_clients, bool):
+            raise SettingError(
+                f"evaluate_on_clients must be True or False, got {self.evaluate_on_clients!r}"
+            )
 
     @property
     def epochs_per_round(self) -> int:

@@ -6,25 +6,39 @@ rounds; a client's epochs are its local training between instructions.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from lightning_fed.algorithms import (
+    Algorithm,
+    ClientAlgorithm,
+    ClientRound,
+    ModelSpec,
+    algorithm_from,
+)
+from lightning_fed.algorithms.aggregate import TensorSpec, update_problems
+from lightning_fed.algorithms.base import EXTRA, AlgorithmError, split_extras, with_extras
 from lightning_fed.channel import Channel
 from lightning_fed.fedavg import protocol as P
-from lightning_fed.fedavg.aggregate import TensorSpec, spec_of
 from lightning_fed.fedavg.aggregator import AggregatorRole
 from lightning_fed.fedavg.client import ClientRole, Instruction
+from lightning_fed.fedavg.config import FedAvgConfig
 from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.fedavg.evaluation import Evaluation, merge, validate_now
 from lightning_fed.fedavg.selection import federated_names
 from lightning_fed.fedavg.weights import copy_state, federated_state, load_state
 from lightning_fed.outputs import (
@@ -33,26 +47,51 @@ from lightning_fed.outputs import (
     scalar_metrics,
     temporary_sibling,
 )
-from lightning_fed.trainer_access import restore_during_setup
-
-if TYPE_CHECKING:
-    from lightning_fed.fedavg.strategy import FedAvgStrategy
+from lightning_fed.trainer_access import callbacks_of, restore_during_setup
 
 log = logging.getLogger(__name__)
 
 RECOVERY_CHECKPOINT = "last-round.ckpt"
 
 
+@dataclass
+class Outcome:
+    """What a party's fit leaves for its strategy to read (the hooks write only here).
+
+    Attributes:
+        final_report: the federation's report once ``fit`` ended.
+        finished_as: client: ``(aggregator, instance)`` of the finish it received.
+        test_report_due: aggregator: the client instances to send the final test's
+            metrics to.
+    """
+
+    final_report: dict[str, Any] | None = None
+    finished_as: tuple[str, str] | None = None
+    test_report_due: dict[str, str] | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class Party:
+    """Where a party's hooks work: its settings, channel and folders."""
+
+    config: FedAvgConfig
+    channel: Channel
+    output_dir: Path
+    state_dir: Path
+
+
 class _RoleHooks(Callback):
     """What both roles share: which tensors are federated, and their expected specs."""
 
-    def __init__(self, strategy: FedAvgStrategy, channel: Channel, output_dir: Path) -> None:
-        self.strategy = strategy
-        self.config = strategy.config
-        self.channel = channel
-        self.output_dir = output_dir
+    def __init__(self, party: Party, outcome: Outcome) -> None:
+        self.party = party
+        self.config = party.config
+        self.channel = party.channel
+        self.output_dir = party.output_dir
+        self.outcome = outcome
         self.names: list[str] = []
         self.expected: dict[str, TensorSpec] = {}
+        self.model = ModelSpec({}, frozenset())
 
     def _describe_model(self, module: pl.LightningModule) -> None:
         state = module.state_dict()
@@ -62,19 +101,33 @@ class _RoleHooks(Callback):
                 f"local_keys={list(self.config.local_keys)} keeps every tensor of the model "
                 "local, so there is nothing to federate; hint: narrow the patterns"
             )
-        self.expected = spec_of({k: state[k] for k in self.names})
+        odd = [n for n in self.names if n.startswith(EXTRA)]
+        if odd:
+            raise FedAvgError(
+                f"the model's state has tensors named {odd[:3]}; names starting with "
+                f"{EXTRA!r} are reserved for algorithms' tensors; hint: rename the submodule"
+            )
+        self.model = ModelSpec.of(module, self.names)
+        self.expected = dict(self.model.tensors)
+
+    def detach(self, trainer: pl.Trainer) -> None:
+        """Remove these hooks (and what they installed) from the trainer's callbacks."""
+        if self in callbacks_of(trainer):
+            callbacks_of(trainer).remove(self)
 
 
 class AggregatorHooks(_RoleHooks):
     """The aggregator's side: gather clients, run one round per epoch, publish the result."""
 
-    def __init__(self, strategy: FedAvgStrategy, channel: Channel, output_dir: Path) -> None:
-        super().__init__(strategy, channel, output_dir)
-        self.role = AggregatorRole(channel, self.config)
+    def __init__(self, party: Party, outcome: Outcome, algorithm: Algorithm) -> None:
+        super().__init__(party, outcome)
+        self.algorithm = algorithm
+        self.role = AggregatorRole(party.channel, self.config, algorithm=algorithm)
         self.history: list[dict[str, Any]] = []
-        self.trainer: pl.Trainer | None = None
         self.resumed_after = 0
         self._validated: dict[str, float] | None = None
+        self._restored_algorithm: dict[str, Any] | None = None
+        self.initial_federated: dict[str, float] = {}
 
     @property
     @override
@@ -87,6 +140,7 @@ class AggregatorHooks(_RoleHooks):
             "task_id": self.channel.task.task_id,
             "clients": dict(self.role.clients),
             "history": list(self.history),
+            "algorithm": {**self.algorithm.describe(), "state": self.algorithm.state_dict()},
         }
 
     @override
@@ -96,12 +150,22 @@ class AggregatorHooks(_RoleHooks):
                 f"the recovery checkpoint belongs to task {state_dict.get('task_id')!r}, not "
                 f"{self.channel.task.task_id!r}; hint: give each task its own state_dir"
             )
+        saved = state_dict.get("algorithm", {"name": "fedavg", "params": {}, "state": {}})
+        described = self.algorithm.describe()
+        if {k: saved.get(k) for k in ("name", "params")} != described:
+            raise FedAvgError(
+                f"the recovery checkpoint was made by algorithm {saved.get('name')!r} with "
+                f"{saved.get('params')!r}, this run has {described['name']!r} with "
+                f"{described['params']!r}; hint: restart with the same algorithm, or give "
+                "the new run its own state_dir"
+            )
         self.role.clients = dict(state_dict.get("clients", {}))
         self.history = list(state_dict.get("history", []))
         self.resumed_after = len(self.history)
+        self._restored_algorithm = dict(saved.get("state", {}))
 
     def recovery_path(self, trainer: pl.Trainer) -> Path:
-        return self.strategy.state_dir(trainer) / RECOVERY_CHECKPOINT
+        return self.party.state_dir / RECOVERY_CHECKPOINT
 
     def restore_if_possible(self, trainer: pl.Trainer) -> None:
         """Resume from the last completed round's checkpoint, if one exists."""
@@ -117,22 +181,35 @@ class AggregatorHooks(_RoleHooks):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.trainer = trainer
         self._describe_model(pl_module)
+        self.algorithm.setup(self.model, self.role.expected_clients)
+        if self._restored_algorithm is not None:
+            self.algorithm.load_state_dict(self._restored_algorithm)
+            self._restored_algorithm = None
+        log.info("aggregator: algorithm %r", self.algorithm)
         if self.resumed_after and self.role.clients:
             self.role.poll_checkins()
             log.info("aggregator: clients %s carry on", ", ".join(sorted(self.role.clients)))
         else:
             self.role.gather()
 
-    def run_round(self) -> None:
-        """One round: distribute, collect, average into the module, log."""
-        trainer, module = self.trainer, self.strategy.lightning_module
-        assert trainer is not None and module is not None
+    def run_round(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """One round: distribute, collect, fold, make the new global model, log."""
         round = trainer.current_epoch + 1
-        result = self.role.run_round(round, federated_state(module, self.names), self.expected)
-        copy_state(module, result.state)  # the mean of updates that passed update_problems
+        current = federated_state(module, self.names)
+        result = self.role.run_round(round, current, self.expected)
+        new = self.algorithm.server_update(current, result.aggregate)
+        problems = update_problems(self.expected, new)
+        if problems:
+            raise FedAvgError(
+                f"round {round}: algorithm {self.algorithm!r} made a global model that does "
+                f"not fit: {'; '.join(problems[:5])}; hint: lower its learning rate"
+            )
+        copy_state(module, new)
+        del current, new
         self.history.append(result.summary())
+        if result.evaluations:  # the clients' validation of the model this round started from
+            self._record_federated(trainer, module, round - 1, result.evaluations)
         flat: dict[str, float] = {
             "fedavg/participants": float(len(result.samples)),
             "fedavg/samples": float(sum(result.samples.values())),
@@ -184,33 +261,77 @@ class AggregatorHooks(_RoleHooks):
             trainer.save_checkpoint(tmp)
             os.replace(tmp, path)
 
-    def report(self, trainer: pl.Trainer) -> dict[str, Any]:
+    def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        local: dict[str, float] = next(
+            (r["metrics"] for r in reversed(self.history) if r.get("metrics")), {}
+        )
+        federated: dict[str, float] = next(
+            (r["federated_metrics"] for r in reversed(self.history) if r.get("federated_metrics")),
+            {},
+        )
+        datamodule = getattr(trainer, "datamodule", None)
         return {
             "task_id": self.channel.task.task_id,
             "aggregator": self.channel.node_id,
             "clients": sorted(self.role.clients),
+            "algorithm": self.algorithm.describe(),
             "rounds_planned": self.config.rounds,
             "rounds_completed": len(self.history),
             "rounds": self.history,
-            "final_metrics": next(
-                (r["metrics"] for r in reversed(self.history) if r.get("metrics")), {}
-            ),
+            # the aggregator's own validation; the clients' when it holds no data
+            "final_metrics": local or federated,
+            "final_federated_metrics": federated,
+            "initial_federated_metrics": self.initial_federated,
+            # Clients that ask for the final test's metrics wait only if one may come.
+            "test_expected": is_overridden("test_step", pl_module)
+            and (datamodule is None or is_overridden("test_dataloader", datamodule)),
             "finished_at": time.time(),
         }
+
+    def _record_federated(
+        self,
+        trainer: pl.Trainer,
+        module: pl.LightningModule,
+        round: int,
+        evaluations: Mapping[str, Evaluation],
+    ) -> None:
+        """Merge the clients' validations of round ``round``'s model; log and keep them."""
+        merged, exact = merge(module, evaluations.items())
+        if not merged:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({f"federated/{k}": v for k, v in merged.items()}, step=round)
+        entry = next((h for h in self.history if h["round"] == round), None)
+        if entry is None:
+            self.initial_federated = merged  # round 0: the model before any round
+        else:
+            entry["federated_metrics"] = merged
+            entry["federated_exact"] = exact
+            entry["federated_clients"] = sorted(evaluations)
+        log.info(
+            "aggregator: federated validation of round %d's model by %d clients: %s",
+            round,
+            len(evaluations),
+            ", ".join(f"{k}={v:.4g}" for k, v in sorted(merged.items())),
+        )
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = self.output_dir
         save_weights(pl_module.state_dict(), out / "final.safetensors")
         trainer.save_checkpoint(out / "final.ckpt")
-        report = self.report(trainer)
-        # Clients that ask for the final test's metrics wait for them only if one may come.
-        report["test_expected"] = is_overridden("test_step", pl_module)
+        report = self.report(trainer, pl_module)
         save_report(report, out / "report.json")
         compact = {k: v for k, v in report.items() if k != "rounds"}
-        self.role.finish(federated_state(pl_module, self.names), compact)
-        self.strategy.final_report = report
-        self.strategy._test_report_due = dict(self.role.clients)
+        final_round = len(self.history) if self.config.evaluate_on_clients else None
+        self.role.finish(federated_state(pl_module, self.names), compact, final_round)
+        if final_round is not None:
+            evaluations = self.role.collect_evaluations(final_round)
+            self._record_federated(trainer, pl_module, final_round, evaluations)
+            report = self.report(trainer, pl_module)
+            save_report(report, out / "report.json")
+        self.outcome.final_report = report
+        self.outcome.test_report_due = dict(self.role.clients)
         log.info("aggregator: final model and report in %s", out)
 
     @override
@@ -232,9 +353,13 @@ class ClientHooks(_RoleHooks):
     ``num_samples`` counts every sample trained in the round.
     """
 
-    def __init__(self, strategy: FedAvgStrategy, channel: Channel, output_dir: Path) -> None:
-        super().__init__(strategy, channel, output_dir)
-        self.role = ClientRole(channel, self.config)
+    def __init__(self, party: Party, outcome: Outcome) -> None:
+        super().__init__(party, outcome)
+        self.role = ClientRole(party.channel, self.config)
+        self.algorithm: ClientAlgorithm | None = None
+        self._algorithm_key: str | None = None  # the description it was built from
+        self._algorithm_name = ""
+        self._evaluation: Evaluation | None = None  # to send with this round's update
         self.epochs_left = 0
         self.steps_until: int | None = None  # the global_step that ends a steps round
         self.round_due = False  # steps mode: the round ends at this epoch's end
@@ -253,10 +378,15 @@ class ClientHooks(_RoleHooks):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, instruction: Instruction
     ) -> None:
         source = f"aggregator {self.role.aggregator!r}"
-        load_state(pl_module, instruction.tensors, self.expected, source)
+        model, extras = split_extras(instruction.tensors)
+        load_state(pl_module, model, self.expected, source)
         if instruction.kind == P.ROUND:
             start = instruction.start
             assert start is not None
+            self._evaluation = (
+                self._validate(trainer, instruction.round - 1) if start.evaluate else None
+            )
+            self._start_algorithm(trainer, pl_module, start, instruction.round, model, extras)
             self.epochs_left = start.local_epochs
             self.steps_until = (
                 None if start.local_steps is None else trainer.global_step + start.local_steps
@@ -269,10 +399,30 @@ class ClientHooks(_RoleHooks):
         out = self.output_dir
         save_weights(pl_module.state_dict(), out / "final.safetensors")
         save_report(instruction.report, out / "report.json")
-        self.strategy.final_report = dict(instruction.report)
+        self.outcome.final_report = dict(instruction.report)
         assert self.role.aggregator is not None
-        self.strategy._finished_as = (self.role.aggregator, self.role.instance)
+        self.outcome.finished_as = (self.role.aggregator, self.role.instance)
         log.info("client %s: federation finished; final model in %s", self.channel.node_id, out)
+        if instruction.evaluate_round is not None:  # the aggregator waits for every answer
+            evaluation = self._validate(trainer, instruction.evaluate_round) or Evaluation(
+                instruction.evaluate_round, 0, {}
+            )
+            body, states = evaluation.encode()
+            self.role.send_evaluation(body, states)
+
+    def _validate(self, trainer: pl.Trainer, round: int) -> Evaluation | None:
+        """Validate the global model just loaded on this client's data (None: no data)."""
+        evaluation = validate_now(trainer, round)
+        if evaluation is not None:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(evaluation.metrics.items()))
+            log.info(
+                "client %s: validated the global model of round %d on %d samples: %s",
+                self.channel.node_id,
+                round,
+                evaluation.samples,
+                shown or "nothing logged",
+            )
+        return evaluation
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -327,7 +477,17 @@ class ClientHooks(_RoleHooks):
             )
         metrics = scalar_metrics(trainer.callback_metrics)
         metrics["fit_seconds"] = time.monotonic() - self.fit_started  # local training time
-        self.role.upload(federated_state(pl_module, self.names), self.seen, metrics)
+        extras = {} if self.algorithm is None else self.algorithm.finish_round(pl_module)
+        if self.algorithm is not None:
+            self._save_algorithm_state()
+        tensors = with_extras(federated_state(pl_module, self.names), extras)
+        evaluation, self._evaluation = self._evaluation, None
+        body = None
+        if evaluation is not None:
+            body, states = evaluation.encode()
+            tensors.update(states)
+        self.role.upload(tensors, self.seen, metrics, body)
+        del tensors, extras
         current = self.role.current
         log.info(
             "client %s: round %s trained on %d samples%s",
@@ -337,3 +497,61 @@ class ClientHooks(_RoleHooks):
             "".join(f", {k}={v:.4g}" for k, v in sorted(metrics.items())),
         )
         self._follow(trainer, pl_module, self.role.next_instruction())
+
+    # -- the algorithm's client side ------------------------------------------------------
+    def _start_algorithm(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        start: P.RoundStart,
+        round: int,
+        model: Mapping[str, torch.Tensor],
+        extras: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Install (once, or anew when the aggregator changed it) and start the client side."""
+        key = json.dumps(start.algorithm, sort_keys=True)
+        if key != self._algorithm_key:
+            self._remove_algorithm(trainer)
+            try:
+                algorithm = algorithm_from(start.algorithm)
+            except AlgorithmError as exc:
+                raise FedAvgError(str(exc)) from None
+            client = algorithm.client()
+            if client is not None:
+                self._load_algorithm_state(client, algorithm.name)
+                callbacks_of(trainer).append(client)
+            self.algorithm, self._algorithm_key = client, key
+            self._algorithm_name = algorithm.name
+            log.info("client %s: algorithm %r", self.channel.node_id, algorithm)
+        if self.algorithm is not None:
+            self.algorithm.start_round(ClientRound(round, pl_module, self.model, model, extras))
+
+    def _remove_algorithm(self, trainer: pl.Trainer) -> None:
+        if self.algorithm is not None and self.algorithm in callbacks_of(trainer):
+            callbacks_of(trainer).remove(self.algorithm)
+        self.algorithm, self._algorithm_key = None, None
+
+    def _algorithm_state_path(self, name: str) -> Path:
+        return self.party.state_dir / f"algorithm-{name}.pt"
+
+    def _load_algorithm_state(self, client: ClientAlgorithm, name: str) -> None:
+        path = self._algorithm_state_path(name)
+        if path.is_file():
+            client.load_state_dict(torch.load(path, weights_only=True))
+            log.info("client %s: restored %s's state from %s", self.channel.node_id, name, path)
+
+    def _save_algorithm_state(self) -> None:
+        assert self.algorithm is not None
+        state = self.algorithm.state_dict()
+        if not state:
+            return
+        path = self._algorithm_state_path(self._algorithm_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(path)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    @override
+    def detach(self, trainer: pl.Trainer) -> None:
+        self._remove_algorithm(trainer)
+        super().detach(trainer)

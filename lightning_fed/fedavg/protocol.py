@@ -4,15 +4,18 @@ Sequence (see docs/fedavg.md for the diagram)::
 
     client      -> every peer   checkin       {instance}                      (repeated until acked)
     aggregator  -> client       checkin-ack   {instance, rounds, ...}
-    aggregator  -> sampled      round         {attempt, instances, local_epochs, local_steps}
-                                                                                + global weights
+    aggregator  -> sampled      round         {attempt, instances, local_epochs, local_steps,
+                                               algorithm, evaluate} + global weights (+ @extras)
     aggregator  -> the others   standby       {}     (not picked this round; keep waiting)
-    client      -> aggregator   update        {attempt, instance, num_samples, metrics} + weights
-    aggregator  -> every client finish        {report, instances}   + final weights
+    client      -> aggregator   update        {attempt, instance, num_samples, metrics,
+                                               evaluation} + weights (+ @extras, #states)
+    aggregator  -> every client finish        {report, instances, evaluate} + final weights
     aggregator  -> every client abort         {reason}              (the federation failed)
     client      -> aggregator   failed        {instance, reason}    (this client stopped; the
                                                                      aggregator goes on without it)
     aggregator  -> every client report        {report}   (after its final test, with test_metrics)
+    client      -> aggregator   evaluation    {instance, evaluation} + metric states
+                                              (after a finish that asks for it)
 
 Bodies come from peers, so every field is checked before use; a malformed body is a
 :class:`ProtocolError` naming the sender and the field.
@@ -25,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from lightning_fed.errors import LightningFedError
+
 CHECKIN = "checkin"
 CHECKIN_ACK = "checkin-ack"
 ROUND = "round"
@@ -34,6 +39,7 @@ FINISH = "finish"
 REPORT = "report"
 ABORT = "abort"
 FAILED = "failed"
+EVALUATION = "evaluation"
 
 #: The largest sample count an update may claim (exact in float64).
 MAX_SAMPLES = 2**53
@@ -42,7 +48,7 @@ MAX_SAMPLES = 2**53
 INSTRUCTIONS = (ROUND, FINISH, ABORT)
 
 
-class ProtocolError(ValueError):
+class ProtocolError(LightningFedError, ValueError):
     """A peer's message body does not follow the FedAvg protocol."""
 
 
@@ -100,14 +106,24 @@ class CheckInAck:
         )
 
 
+#: The algorithm a round names when the aggregator says none (an older aggregator).
+DEFAULT_ALGORITHM: dict[str, Any] = {"name": "fedavg", "params": {}}
+
+
 @dataclass(frozen=True)
 class RoundStart:
-    """A round's instruction: train ``local_steps`` optimizer steps if set, else epochs."""
+    """A round's instruction: train ``local_steps`` optimizer steps if set, else epochs.
+
+    ``algorithm`` names the federated algorithm and its parameters (``{"name",
+    "params"}``); clients build their side of it from that.
+    """
 
     attempt: str
     local_epochs: int
     instances: dict[str, str] = field(default_factory=dict)
     local_steps: int | None = None
+    algorithm: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ALGORITHM))
+    evaluate: bool = False  # validate the received global model before training
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], sender: str) -> RoundStart:
@@ -121,7 +137,21 @@ class RoundStart:
             isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
         ):
             raise ProtocolError(f"{what}: local_steps must be null or an int >= 1, got {steps!r}")
-        return cls(_field(body, "attempt", str, what), epochs, dict(instances), steps)
+        algorithm = body.get("algorithm", DEFAULT_ALGORITHM)
+        if (
+            not isinstance(algorithm, dict)
+            or not isinstance(algorithm.get("name"), str)
+            or not isinstance(algorithm.get("params", {}), dict)
+        ):
+            raise ProtocolError(
+                f"{what}: algorithm must be an object with a string 'name' and an object "
+                f"'params', got {algorithm!r}"
+            )
+        evaluate = body.get("evaluate", False)
+        if not isinstance(evaluate, bool):
+            raise ProtocolError(f"{what}: evaluate must be a boolean, got {evaluate!r}")
+        attempt = _field(body, "attempt", str, what)
+        return cls(attempt, epochs, dict(instances), steps, algorithm, evaluate)
 
 
 def _instances(body: Mapping[str, Any], what: str) -> dict[str, str]:
@@ -178,10 +208,14 @@ class Failed:
 
 @dataclass(frozen=True)
 class Update:
+    """A client's trained tensors of a round; ``evaluation`` is its validation of the
+    round's global model (see :mod:`lightning_fed.fedavg.evaluation`), if asked."""
+
     attempt: str
     instance: str
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], sender: str) -> Update:
@@ -194,7 +228,31 @@ class Update:
             instance=_field(body, "instance", str, what),
             num_samples=n,
             metrics=_metrics(body, what),
+            evaluation=_evaluation(body, what),
         )
+
+
+def _evaluation(body: Mapping[str, Any], what: str) -> dict[str, Any] | None:
+    value = body.get("evaluation")
+    if value is not None and not isinstance(value, dict):
+        raise ProtocolError(f"{what}: field 'evaluation' must be an object, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """A client's validation of the final global model, sent after the finish."""
+
+    instance: str
+    evaluation: dict[str, Any]
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], sender: str) -> EvaluationReport:
+        what = f"evaluation from {sender!r}"
+        evaluation = _evaluation(body, what)
+        if evaluation is None:
+            raise ProtocolError(f"{what}: field 'evaluation' is missing")
+        return cls(_field(body, "instance", str, what), evaluation)
 
 
 def body_of(message: Any) -> dict[str, Any]:

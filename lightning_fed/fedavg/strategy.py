@@ -23,12 +23,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_fed.algorithms import Algorithm, FedAvg
 from lightning_fed.channel import Channel, ChannelError
+from lightning_fed.errors import SettingError
 from lightning_fed.fedavg.aggregator import AggregatorRole
 from lightning_fed.fedavg.client import ClientRole
 from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
 from lightning_fed.fedavg.errors import FedAvgError, FederationAbortedError, SupersededError
-from lightning_fed.fedavg.hooks import AggregatorHooks, ClientHooks
+from lightning_fed.fedavg.hooks import AggregatorHooks, ClientHooks, Outcome, Party
 from lightning_fed.fedavg.progress import RoundProgressBar
 from lightning_fed.node import Endpoint, NodeBusyError, Presence
 from lightning_fed.outputs import save_report, scalar_metrics
@@ -100,6 +102,16 @@ class FedAvgStrategy(SingleDeviceStrategy):
         output_dir: where final weights and the report go (default:
             ``<default_root_dir>/fedavg/<task_id>/<node_id>``).
         max_model_bytes: the largest weights blob accepted from a peer.
+        algorithm: aggregator: the federated algorithm, from
+            :mod:`lightning_fed.algorithms` (default :class:`~lightning_fed.algorithms.FedAvg`,
+            plain federated averaging). Clients learn it from each round's message, so
+            it is never set on a client.
+        evaluate_on_clients: aggregator: clients validate each round's global model on
+            their own validation data before training on it, and every client
+            validates the final model after the last round; the aggregator logs
+            ``federated/<name>`` with the validated round as the step. Logged
+            torchmetrics ``Metric`` objects are merged exactly; plain floats are
+            averaged by validation samples (see docs/algorithms.md).
     """
 
     strategy_name = "fedavg"
@@ -132,6 +144,8 @@ class FedAvgStrategy(SingleDeviceStrategy):
         state_dir: str | os.PathLike[str] | None = None,
         output_dir: str | os.PathLike[str] | None = None,
         max_model_bytes: int = 32 << 30,
+        algorithm: Algorithm | None = None,
+        evaluate_on_clients: bool = False,
     ) -> None:
         super().__init__(device="cpu")
         self.parallel_devices: list[torch.device] | None = None  # set by the Trainer
@@ -152,6 +166,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
             aggregator=aggregator,
             state_dir=state_dir,
             output_dir=output_dir,
+            evaluate_on_clients=evaluate_on_clients,
         )
         self.endpoint = Endpoint.resolve(
             channel,
@@ -164,16 +179,38 @@ class FedAvgStrategy(SingleDeviceStrategy):
         )
         self.task_id, self.node_id = self.endpoint.task_id, self.endpoint.node_id
         self.max_model_bytes = positive_int("max_model_bytes", max_model_bytes)
+        self.algorithm = self._check_algorithm(algorithm)
         self._channel: Channel | None = None
         self._presence: Presence | None = None
-        #: The federation's report once ``fit`` ended: on the aggregator the whole report
-        #: (with ``test_metrics`` after ``test``), on a client the summary that came with
-        #: the finish (with ``test_metrics`` after :meth:`receive_test_report`).
-        self.final_report: dict[str, Any] | None = None
-        self._finished_as: tuple[str, str] | None = None  # client: (aggregator, instance)
-        self._test_report_due: dict[str, str] | None = None  # aggregator: client instances
+        self._outcome = Outcome()  # what the hooks leave: the report, who finished
         self._hooks: AggregatorHooks | ClientHooks | None = None
         self._trainer: pl.Trainer | None = None
+
+    def _check_algorithm(self, algorithm: Algorithm | None) -> Algorithm:
+        if algorithm is not None and not isinstance(algorithm, Algorithm):
+            raise SettingError(
+                f"algorithm must be a lightning_fed.algorithms.Algorithm such as FedProx(mu=0.01), "
+                f"got {algorithm!r}"
+            )
+        if algorithm is not None and self.role == "client":
+            raise SettingError(
+                f"algorithm={algorithm!r} is set on client {self.node_id!r}, but the aggregator "
+                "chooses the algorithm and clients learn it from each round; hint: set it on "
+                "the aggregator only"
+            )
+        if algorithm is not None:
+            algorithm.describe()  # its parameters must travel as JSON
+        return algorithm if algorithm is not None else FedAvg()
+
+    @property
+    def final_report(self) -> dict[str, Any] | None:
+        """The federation's report once ``fit`` ended.
+
+        On the aggregator, the whole report (with ``test_metrics`` after ``test``); on a
+        client, the summary that came with the finish (with ``test_metrics`` after
+        :meth:`receive_test_report`).
+        """
+        return self._outcome.final_report
 
     # -- where things are ------------------------------------------------------------
     @property
@@ -216,12 +253,13 @@ class FedAvgStrategy(SingleDeviceStrategy):
         self._claim_node(channel)
         module = self.lightning_module
         assert module is not None
+        party = Party(self.config, channel, self.output_dir(trainer), self.state_dir(trainer))
         hooks: AggregatorHooks | ClientHooks
         if self.role == "aggregator":
-            hooks = AggregatorHooks(self, channel, self.output_dir(trainer))
+            hooks = AggregatorHooks(party, self._outcome, self.algorithm)
             self._setup_aggregator_loop(trainer)
         else:
-            hooks = ClientHooks(self, channel, self.output_dir(trainer))
+            hooks = ClientHooks(party, self._outcome)
             trainer.fit_loop.max_epochs = -1  # the aggregator's schedule decides
             trainer.fit_loop.min_epochs = 0
         self._hooks = hooks
@@ -263,7 +301,8 @@ class FedAvgStrategy(SingleDeviceStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self._hooks, AggregatorHooks):
-            self._hooks.run_round()
+            assert self._trainer is not None and self.lightning_module is not None
+            self._hooks.run_round(self._trainer, self.lightning_module)
             # A constant "loss" keeps Lightning's loop happy; optimizer_step never steps it.
             return torch.zeros((), device=self.root_device, requires_grad=True)
         return super().training_step(*args, **kwargs)
@@ -286,10 +325,10 @@ class FedAvgStrategy(SingleDeviceStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or self.role != "aggregator":
             return
-        clients, report = self._test_report_due, self.final_report
+        clients, report = self._outcome.test_report_due, self.final_report
         if clients is None or report is None:
             return  # not the test right after this process's federation
-        self._test_report_due = None
+        self._outcome.test_report_due = None
         report["test_metrics"] = scalar_metrics(trainer.callback_metrics)
         save_report(report, self.output_dir(trainer) / "report.json")
         compact = {k: v for k, v in report.items() if k != "rounds"}
@@ -360,7 +399,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
             FedAvgError: on the aggregator, or before this client's federation finished.
         """
         trainer = self._trainer_after_fit()
-        finished, known = self._finished_as, self.final_report
+        finished, known = self._outcome.finished_as, self.final_report
         if self.role != "client" or finished is None or known is None:
             raise FedAvgError(
                 "receive_test_report() is for a client whose fit ended with the federation's "
@@ -384,7 +423,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
             return None
         report = {**known, "test_metrics": got.test_metrics}
         save_report(report, self.output_dir(trainer) / "report.json")
-        self.final_report = report
+        self._outcome.final_report = report
         return report
 
     def _trainer_after_fit(self) -> pl.Trainer:
@@ -397,8 +436,8 @@ class FedAvgStrategy(SingleDeviceStrategy):
     @override
     def teardown(self) -> None:
         trainer, hooks = self._trainer, self._hooks
-        if hooks is not None and trainer is not None and hooks in callbacks_of(trainer):
-            callbacks_of(trainer).remove(hooks)
+        if hooks is not None and trainer is not None:
+            hooks.detach(trainer)
         self._hooks, self._trainer = None, None
         if self._presence is not None:
             self._presence.release()

@@ -6,7 +6,7 @@ from collections.abc import Collection, Mapping
 
 import torch
 
-from lightning_fed.fedavg.aggregate import TensorSpec, update_problems
+from lightning_fed.algorithms.aggregate import TensorSpec, update_problems
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.selection import select
 

@@ -7,12 +7,16 @@ one that dies in a given round, one that is slow, one that sends NaN weights.
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
+import multiprocessing as mp
 import os
 import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 FEATURES = 6
+CTX = mp.get_context("spawn")
 
 
 def dataset(seed: int, n: int) -> TensorDataset:
@@ -94,6 +99,44 @@ class TinyNet(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+def noisy_dataset(seed: int, n: int, shift: float) -> TensorDataset:
+    """Validation data whose inputs are shifted and labels noisy, so clients differ."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, FEATURES, generator=g) + shift
+    w = torch.arange(1, FEATURES + 1, dtype=torch.float32)
+    y = ((x @ w + 8 * torch.randn(n, generator=g)) > 0).long()
+    return TensorDataset(x, y)
+
+
+class MetricNet(TinyNet):
+    """TinyNet validated with torchmetrics objects, and one AUROC logged as a plain float."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+
+        self.accuracy = BinaryAccuracy()
+        self.auroc = BinaryAUROC()
+        self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        scores = self(x).softmax(dim=1)[:, 1]
+        self.accuracy(scores, y)
+        self.auroc(scores, y)
+        self.log("val_acc", self.accuracy)  # Metric objects: merged exactly
+        self.log("val_auroc", self.auroc)
+        self._seen.append((scores, y))
+
+    def on_validation_epoch_end(self) -> None:
+        from torchmetrics.functional.classification import binary_auroc
+
+        if self._seen:  # the same AUROC as a float: only a weighted mean can be made of it
+            scores, labels = (torch.cat(t) for t in zip(*self._seen, strict=True))
+            self.log("val_auroc_plain", binary_auroc(scores, labels))
+        self._seen = []
+
+
 def _logging(root: str, node: str) -> None:
     warnings.filterwarnings("ignore")
     handler = logging.FileHandler(Path(root) / f"{node}.log")
@@ -102,8 +145,8 @@ def _logging(root: str, node: str) -> None:
     logging.getLogger().setLevel(logging.INFO)
 
 
-def tamper_updates(round: int, how: str) -> None:
-    """Make this process's client send broken tensors in ``round``'s update.
+def tamper_updates(round: int | None, how: str) -> None:
+    """Make this process's client send broken tensors in ``round``'s update (None: all).
 
     It wraps ``Channel.send`` in this process only, standing for a buggy or hostile
     client: everything else (its Trainer, its model) stays real and healthy.
@@ -114,7 +157,7 @@ def tamper_updates(round: int, how: str) -> None:
 
     def broken(self: Channel, kind: str, body: Any = None, **kw: Any) -> int:
         tensors = kw.get("tensors")
-        if kind == "update" and kw.get("round") == round and tensors is not None:
+        if kind == "update" and round in (None, kw.get("round")) and tensors is not None:
             t = dict(tensors)
             if how == "shape":
                 t["net.0.weight"] = torch.zeros(3, 3)
@@ -125,6 +168,8 @@ def tamper_updates(round: int, how: str) -> None:
                 t["net.9.weight"] = torch.zeros(2)
             elif how == "inf":
                 t["net.2.weight"] = t["net.2.weight"].clone().fill_(float("inf"))
+            elif how == "huge":  # finite, well-formed, and far from every honest update
+                t = {k: v.clone().fill_(100) if v.is_floating_point() else v for k, v in t.items()}
             kw["tensors"] = t
         return send(self, kind, body, **kw)
 
@@ -138,8 +183,13 @@ def run_party(
     _logging(root, node)
     from lightning_fed import FedAvgStrategy
 
+    for module in party.get("imports", []):  # e.g. the module defining a custom algorithm
+        importlib.import_module(module)
+
     if "tamper" in party:
         tamper_updates(*party["tamper"])
+    if "tamper_every_round" in party:
+        tamper_updates(None, party["tamper_every_round"])
     L.seed_everything(party.get("seed", 0), verbose=False)
     strategy = FedAvgStrategy(
         party.get("url", str(Path(root) / "channel")),
@@ -159,20 +209,29 @@ def run_party(
         max_epochs=-1 if role == "client" else None,
         num_sanity_val_steps=0,
         deterministic=True,
+        **party.get("trainer", {}),  # precision, accumulate_grad_batches...
     )
-    model = TinyNet(party.get("lr", 0.1), party.get("momentum", 0.0), party.get("opts"))
+    make = MetricNet if party.get("model") == "metrics" else TinyNet
+    model = make(party.get("lr", 0.1), party.get("momentum", 0.0), party.get("opts"))
     if party.get("dry_run"):  # measures how long a party takes to get this far
         return
     data_seed, n = party.get("data_seed", 0), party.get("n", 64)
     batch = party.get("batch_size", 16)
     data = dataset(data_seed, n)
     try:
-        if role == "aggregator":
+        if role == "aggregator" and party.get("no_data"):
+            trainer.fit(model)  # no datamodule, no loaders: the clients evaluate
+        elif role == "aggregator":
             holdout = DataLoader(dataset(999, 128), batch_size=128)
             trainer.fit(model, val_dataloaders=holdout)
             trainer.test(model, dataloaders=holdout, verbose=False)
         else:
-            trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=batch, shuffle=False))
+            val = party.get("val")  # (seed, n, shift) of a noisy validation set
+            trainer.fit(
+                model,
+                train_dataloaders=DataLoader(data, batch_size=batch, shuffle=False),
+                val_dataloaders=None if val is None else DataLoader(noisy_dataset(*val), 16),
+            )
             if party.get("wait_test_report") and strategy.final_report is not None:
                 strategy.receive_test_report(timeout=60)
     except Exception as exc:
@@ -208,3 +267,91 @@ def run_plain(root: str, epochs: int, party: dict[str, Any]) -> None:
         {k: v.contiguous() for k, v in model.state_dict().items()},
         str(Path(root) / "plain.safetensors"),
     )
+
+
+class Federation:
+    """Starts parties as processes in one folder and reads what they leave behind."""
+
+    def __init__(self, root: Path, clients: list[str]) -> None:
+        self.root = root
+        self.clients = clients
+        from lightning_fed.simulate import make_keys
+
+        make_keys(root, "t", ["agg", *clients])
+        self.procs: dict[str, Any] = {}
+
+    def start(
+        self,
+        node: str,
+        role: str,
+        strategy: dict[str, Any],
+        party: dict[str, Any] | None = None,
+        key: str | None = None,
+    ) -> Any:
+        p = CTX.Process(target=run_party, args=(str(self.root), node, role, strategy, party or {}))
+        p.start()
+        self.procs[key or node] = p
+        return p
+
+    def wait(self, timeout: float = 240) -> dict[str, int | None]:
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            p.join(max(0.1, deadline - time.monotonic()))
+        codes = {k: p.exitcode for k, p in self.procs.items()}
+        for p in self.procs.values():
+            if p.is_alive():
+                p.kill()
+        return codes
+
+    def log(self, node: str) -> str:
+        path = self.root / f"{node}.log"
+        return path.read_text() if path.exists() else ""
+
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.out("agg") / "report.json").read_text())
+
+    def out(self, node: str) -> Path:
+        return self.root / node / "fedavg" / "t" / node
+
+    def startup_seconds(self, count: int) -> float:
+        """How long ``count`` processes started together take to build their Trainers.
+
+        Deadlines that must cover a party's start-up derive from this, so that a loaded
+        machine lengthens them instead of failing the test.
+        """
+        started = time.monotonic()
+        procs = [
+            CTX.Process(
+                target=run_party,
+                args=(str(self.root), f"dry-{i}", "client", {}, {"dry_run": True}),
+            )
+            for i in range(count)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(300)
+        return time.monotonic() - started
+
+    def wait_for_log(self, node: str, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log(node):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{node} never logged {text!r}:\n{self.log(node)}")
+            time.sleep(0.05)
+
+
+def federations(tmp_path: Path) -> Iterator[Any]:
+    """Yields ``make(*clients)`` -> :class:`Federation`; kills what is left at the end."""
+    made: list[Federation] = []
+
+    def make(*clients: str) -> Federation:
+        f = Federation(tmp_path, list(clients))
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        for p in f.procs.values():
+            if p.is_alive():
+                p.kill()

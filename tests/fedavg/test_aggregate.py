@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_fed.fedavg.aggregate import (
+from lightning_fed.algorithms.aggregate import (
     FINITE_CHUNK,
     TensorSpec,
     WeightedMean,

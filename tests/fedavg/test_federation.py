@@ -11,7 +11,6 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,100 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_fed.simulate import make_keys
 from tests.fedavg import parties
 
 pytestmark = pytest.mark.slow
 CTX = mp.get_context("spawn")
 FAST = {"schedule_timeout": 60, "calculation_timeout": 60}
-
-
-class Federation:
-    """Starts parties as processes in one folder and reads what they leave behind."""
-
-    def __init__(self, root: Path, clients: list[str]) -> None:
-        self.root = root
-        self.clients = clients
-        make_keys(root, "t", ["agg", *clients])
-        self.procs: dict[str, Any] = {}
-
-    def start(
-        self,
-        node: str,
-        role: str,
-        strategy: dict[str, Any],
-        party: dict[str, Any] | None = None,
-        key: str | None = None,
-    ) -> Any:
-        p = CTX.Process(
-            target=parties.run_party, args=(str(self.root), node, role, strategy, party or {})
-        )
-        p.start()
-        self.procs[key or node] = p
-        return p
-
-    def wait(self, timeout: float = 240) -> dict[str, int | None]:
-        deadline = time.monotonic() + timeout
-        for p in self.procs.values():
-            p.join(max(0.1, deadline - time.monotonic()))
-        codes = {k: p.exitcode for k, p in self.procs.items()}
-        for p in self.procs.values():
-            if p.is_alive():
-                p.kill()
-        return codes
-
-    def log(self, node: str) -> str:
-        path = self.root / f"{node}.log"
-        return path.read_text() if path.exists() else ""
-
-    def report(self) -> dict[str, Any]:
-        return json.loads((self.out("agg") / "report.json").read_text())
-
-    def out(self, node: str) -> Path:
-        return self.root / node / "fedavg" / "t" / node
-
-    def startup_seconds(self, count: int) -> float:
-        """How long ``count`` processes started together take to build their Trainers.
-
-        Deadlines that must cover a party's start-up derive from this, so that a loaded
-        machine lengthens them instead of failing the test.
-        """
-        started = time.monotonic()
-        procs = [
-            CTX.Process(
-                target=parties.run_party,
-                args=(str(self.root), f"dry-{i}", "client", {}, {"dry_run": True}),
-            )
-            for i in range(count)
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(300)
-        return time.monotonic() - started
-
-    def wait_for_log(self, node: str, text: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log(node):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{node} never logged {text!r}:\n{self.log(node)}")
-            time.sleep(0.05)
-
-
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[Any]:
-    made: list[Federation] = []
-
-    def make(*clients: str) -> Federation:
-        f = Federation(tmp_path, list(clients))
-        made.append(f)
-        return f
-
-    yield make
-    for f in made:
-        for p in f.procs.values():
-            if p.is_alive():
-                p.kill()
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

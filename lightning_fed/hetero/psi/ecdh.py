@@ -25,6 +25,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from lightning_fed.errors import LightningFedError
+
 DOMAIN = b"lightning_fed/psi/x25519/v1"
 POINT_BYTES = 32
 #: Points blinded per task when a process pool shares the work.
@@ -33,7 +35,7 @@ CHUNK = 20_000
 IdLike = str | int | bytes
 
 
-class InvalidPointError(ValueError):
+class InvalidPointError(LightningFedError, ValueError):
     """A peer sent something that is not a valid list of blinded points."""
 
 

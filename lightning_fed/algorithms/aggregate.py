@@ -1,4 +1,4 @@
-"""FedAvg's maths as pure functions: weighted means by streaming sufficient statistics.
+"""Aggregation maths as pure functions: weighted means by streaming sufficient statistics.
 
 Each client's update is a ``(state, num_samples)`` pair. The aggregate is the mean of
 the states weighted by sample count, computed as two running sums, ``sum(n * w)`` and
@@ -153,6 +153,35 @@ class WeightedMean:
                 acc.add_(tensor.detach().to(device=acc.device), alpha=weight)
         self.total_weight += weight
         self.count += 1
+
+    def merge(self, other: WeightedMean) -> None:
+        """Fold in another accumulator's sums, as if its updates had been added here.
+
+        Partial aggregates (a worker's share of the clients, a masked sum) combine
+        this way; ``other`` is left as it was.
+        """
+        if not other.count:
+            return
+        if self.count and set(other._sums) != set(self._sums):
+            raise ValueError(
+                "both accumulators must hold the same tensor names; got "
+                f"{sorted(set(other._sums) ^ set(self._sums))[:5]} in only one of them"
+            )
+        for name, acc in other._sums.items():
+            mine = self._sums.get(name)
+            if mine is not None and mine.shape != acc.shape:
+                raise ValueError(
+                    f"{name}: shape {tuple(acc.shape)} differs from {tuple(mine.shape)}"
+                )
+        for name, acc in other._sums.items():
+            mine = self._sums.get(name)
+            if mine is None:
+                self._sums[name] = acc.clone()
+                self._dtypes[name] = other._dtypes[name]
+            else:
+                mine.add_(acc.to(device=mine.device))
+        self.total_weight += other.total_weight
+        self.count += other.count
 
     def compute(self) -> dict[str, torch.Tensor]:
         """The weighted mean, in each tensor's original dtype; consumes the sums.

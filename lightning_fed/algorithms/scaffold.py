@@ -1,0 +1,196 @@
+"""SCAFFOLD: control variates correct each client's drift toward its own data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_fed.algorithms.aggregate import TensorSpec
+from lightning_fed.algorithms.base import (
+    Algorithm,
+    AlgorithmError,
+    ClientAlgorithm,
+    ClientRound,
+    ModelSpec,
+    RoundAggregate,
+    Tensors,
+    check_number,
+    stepping_parameters,
+)
+
+
+def control_update(
+    c_local: torch.Tensor, c: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lr_sum: float
+) -> torch.Tensor:
+    """Option II's new client control: ``c_i - c + (x - y) / (K lr)``.
+
+    ``lr_sum`` is the sum of the learning rates of the round's ``K`` optimizer steps
+    (``K lr`` for a constant rate); with none, the control stays as it was.
+    """
+    if lr_sum <= 0:
+        return c_local.clone()
+    return c_local - c + (x - y) / lr_sum
+
+
+def _control_spec(spec: TensorSpec) -> TensorSpec:
+    return TensorSpec(spec.shape, torch.promote_types(spec.dtype, torch.float32))
+
+
+class Scaffold(Algorithm):
+    """SCAFFOLD (Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for
+    Federated Learning", ICML 2020), option II control variates.
+
+    The server keeps a control ``c`` and sends it with each round; each client keeps
+    its own ``c_i`` (in its state folder, so a restarted client carries on) and adds
+    ``c - c_i`` to every trainable parameter's gradient before each optimizer step.
+    After local training a client sets ``c_i <- c_i - c + (x - y) / (K lr)`` and
+    uploads the change; the server moves ``c`` by ``|S| / N`` times the mean change
+    (``N`` clients in the federation, ``|S|`` in the round), so partial
+    participation is handled as in the paper. The global model moves by ``lr``
+    times the clients' (sample-weighted) mean change.
+
+    The correction is exact for SGD; with momentum or adaptive client optimisers it
+    is the common approximation. ``K lr`` is the sum of the learning rates of the
+    round's steps, read from each parameter group's ``lr``.
+
+    Args:
+        lr: the server (global) learning rate; 1 replaces the model by the mean.
+    """
+
+    name = "scaffold"
+
+    def __init__(self, lr: float = 1.0) -> None:
+        self.lr = check_number("lr", lr, above=0)
+        self.trainable: list[str] = []
+        self.specs: dict[str, TensorSpec] = {}
+        self.clients = 1
+        self.c: dict[str, torch.Tensor] = {}
+
+    def setup(self, model: ModelSpec, clients: int) -> None:
+        self.trainable = sorted(model.trainable)
+        self.specs = {n: _control_spec(model.tensors[n]) for n in self.trainable}
+        self.clients = max(1, clients)
+        self.c = {n: torch.zeros(s.shape, dtype=s.dtype) for n, s in self.specs.items()}
+
+    def round_tensors(self) -> Tensors:
+        return {f"c/{n}": self.c[n] for n in self.trainable}
+
+    def upload_spec(self) -> dict[str, TensorSpec]:
+        return {f"dc/{n}": self.specs[n] for n in self.trainable}
+
+    def server_update(
+        self, global_state: Mapping[str, torch.Tensor], aggregate: RoundAggregate
+    ) -> Tensors:
+        new = dict(aggregate.mean)
+        share = aggregate.clients / self.clients
+        for n in self.trainable:
+            x = global_state[n]
+            new[n] = (x + self.lr * (aggregate.mean[n] - x)).to(x.dtype)
+            self.c[n] = self.c[n] + share * aggregate.extras[f"dc/{n}"]
+        return new
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"c": dict(self.c)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("c", {})
+        if set(saved) != set(self.c):
+            raise AlgorithmError(
+                "the recovery checkpoint's SCAFFOLD controls do not fit this model; hint: "
+                "use the same model, or a new state_dir to start afresh"
+            )
+        self.c = dict(saved)
+
+    def client(self) -> ClientAlgorithm:
+        return ScaffoldClient()
+
+
+class ScaffoldClient(ClientAlgorithm):
+    """A client's SCAFFOLD: its control ``c_i``, the correction, the control update."""
+
+    def __init__(self) -> None:
+        self.c_local: dict[str, torch.Tensor] = {}
+        self.before: dict[str, torch.Tensor] = {}  # c_i before the last round trained
+        self.trained_round = 0
+        self._round = 0
+        self._names: list[str] = []
+        self._c: dict[str, torch.Tensor] = {}
+        self._x: dict[str, torch.Tensor] = {}
+        self._correction: dict[int, torch.Tensor] = {}
+        self._lr_sum: dict[int, float] = {}
+        self._params: dict[str, torch.nn.Parameter] = {}
+
+    @override
+    def start_round(self, start: ClientRound) -> None:
+        self._names = sorted(start.model.trainable)
+        specs = {n: _control_spec(start.model.tensors[n]) for n in self._names}
+        for n, spec in specs.items():
+            c = start.tensors.get(f"c/{n}")
+            if c is None or tuple(c.shape) != spec.shape or c.dtype != spec.dtype:
+                raise AlgorithmError(
+                    f"SCAFFOLD: the round's server control for {n!r} is missing or does not "
+                    f"fit ({None if c is None else (tuple(c.shape), c.dtype)}, expected "
+                    f"{(spec.shape, spec.dtype)}); hint: run the same model on every party"
+                )
+        if start.round == self.trained_round:  # the aggregator restarted this round
+            self.c_local = dict(self.before)
+        for n, spec in specs.items():
+            if n not in self.c_local:
+                self.c_local[n] = torch.zeros(spec.shape, dtype=spec.dtype)
+        self._round = start.round
+        self._c = {n: start.tensors[f"c/{n}"] for n in self._names}
+        self._x = {
+            n: start.global_state[n].detach().to(specs[n].dtype).clone() for n in self._names
+        }
+        self._params = dict(start.module.named_parameters())
+        self._correction, self._lr_sum = {}, {}
+        for n in self._names:
+            p = self._params[n]
+            self._correction[id(p)] = (self._c[n] - self.c_local[n]).to(p.device, p.dtype)
+            self._lr_sum[id(p)] = 0.0
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        for group, p in stepping_parameters(optimizer):
+            correction = self._correction.get(id(p))
+            if correction is None:
+                continue
+            lr = group.get("lr")
+            if not isinstance(lr, int | float):
+                raise AlgorithmError(
+                    f"SCAFFOLD needs each parameter group's learning rate, got lr={lr!r} "
+                    f"from {type(optimizer).__name__}; hint: use an optimizer with an "
+                    "'lr' in its param_groups"
+                )
+            p.grad.add_(correction)  # type: ignore[union-attr]
+            self._lr_sum[id(p)] += float(lr)
+
+    @override
+    def finish_round(self, module: pl.LightningModule) -> Tensors:
+        new, changes = {}, {}
+        for n in self._names:
+            p = self._params[n]
+            y = p.detach().to("cpu", self._x[n].dtype)
+            new[n] = control_update(self.c_local[n], self._c[n], self._x[n], y, self._lr_sum[id(p)])
+            changes[f"dc/{n}"] = new[n] - self.c_local[n]
+        self.before, self.c_local = self.c_local, new
+        self.trained_round = self._round
+        self._x, self._correction = {}, {}
+        return changes
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.trained_round, "c_local": self.c_local, "before": self.before}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.trained_round = int(state_dict.get("round", 0))
+        self.c_local = dict(state_dict.get("c_local", {}))
+        self.before = dict(state_dict.get("before", {}))
