@@ -68,3 +68,19 @@ def scalar_metrics(
         if math.isfinite(value):
             out[name] = float(value)
     return out
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (Linux ``VmHWM``), or None elsewhere.
+
+    Unlike ``ru_maxrss``, ``VmHWM`` starts afresh when a process starts a new program,
+    so a party launched as ``python -m lightning_fed.party`` reports its own peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

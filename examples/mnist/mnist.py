@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from typing_extensions import override
 
-from lightning_fed.fedavg import iid_partition
+from lightning_fed.fedavg import dirichlet_partition, iid_partition
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
 MEAN, STD = 0.1307, 0.3081  # the seed's Normalize((0.1307,), (0.3081,))
@@ -110,6 +110,8 @@ class MnistData(L.LightningDataModule):
         root: folder of the IDX files, or torchvision's download folder.
         batch_size: the seed's 128.
         seed: seeds the client shares (the same on every party).
+        dirichlet_alpha: None for IID shares; else label-skewed shares, each class
+            split by proportions drawn from Dir(alpha) (0.1: a few classes per client).
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class MnistData(L.LightningDataModule):
         batch_size: int = 128,
         train_pool: int = 8000,
         seed: int = 0,
+        dirichlet_alpha: float | None = None,
     ) -> None:
         super().__init__()
         if source not in ("idx", "torchvision"):
@@ -128,6 +131,7 @@ class MnistData(L.LightningDataModule):
         self.client_index, self.num_clients = client_index, num_clients
         self.source, self.root = source, root
         self.batch_size, self.train_pool, self.seed = batch_size, train_pool, seed
+        self.dirichlet_alpha = dirichlet_alpha
 
     def _pool_and_holdout(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
         if self.source == "torchvision":  # pragma: no cover - needs a connected machine
@@ -147,7 +151,13 @@ class MnistData(L.LightningDataModule):
         if self.client_index is None:
             self.train = pool
             return
-        parts = iid_partition(len(pool), self.num_clients, seed=self.seed)  # type: ignore[arg-type]
+        if self.dirichlet_alpha is None:
+            parts = iid_partition(len(pool), self.num_clients, seed=self.seed)  # type: ignore[arg-type]
+        else:
+            labels = [int(pool[i][1]) for i in range(len(pool))]  # type: ignore[arg-type]
+            parts = dirichlet_partition(
+                labels, self.num_clients, alpha=self.dirichlet_alpha, seed=self.seed, min_size=10
+            )
         self.train = Subset(pool, parts[self.client_index])
 
     @override

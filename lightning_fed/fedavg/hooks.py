@@ -42,6 +42,7 @@ from lightning_fed.fedavg.evaluation import Evaluation, merge, validate_now
 from lightning_fed.fedavg.selection import federated_names
 from lightning_fed.fedavg.weights import copy_state, federated_state, load_state
 from lightning_fed.outputs import (
+    peak_rss_bytes,
     save_report,
     save_weights,
     scalar_metrics,
@@ -285,6 +286,7 @@ class AggregatorHooks(_RoleHooks):
             # Clients that ask for the final test's metrics wait only if one may come.
             "test_expected": is_overridden("test_step", pl_module)
             and (datamodule is None or is_overridden("test_dataloader", datamodule)),
+            "peak_rss_bytes": peak_rss_bytes(),  # this aggregator process's, so far
             "finished_at": time.time(),
         }
 
