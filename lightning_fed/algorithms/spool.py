@@ -21,8 +21,10 @@ import torch
 
 from lightning_fed.algorithms.base import AlgorithmError, ClientUpdate, RoundAggregate, Statistic
 
-#: Elements of one tensor read per client at a time (4 MiB of float64 per client).
-CHUNK = 1 << 19
+#: Elements of one tensor read per client at a time (512 KiB of float64 per client): the
+#: temporaries of a chunk (raw bytes, float64 values, a sort's values and indices) stay
+#: a few MiB per client, small beside the model.
+CHUNK = 1 << 16
 
 
 class UpdateSpool:
