@@ -2,8 +2,10 @@
 
 ``python -m lightning_fed.party --config aggregator.yaml [--trainer.xxx=...]`` builds
 the model, datamodule and Trainer (whose ``strategy`` is a ``FedAvgStrategy``) from
-the config, runs ``fit``, and on the aggregator then ``test`` on its holdout data,
-whose metrics it sends to the clients; a client waits for them after its ``fit``.
+the config, runs ``fit``, and on the aggregator then ``test`` on its holdout data (when
+it has a ``test_step`` and test data), whose metrics it sends to the clients; a client
+waits for them after its ``fit``. With ``evaluate_on_clients`` every client also tests
+the final model on its own test data and the aggregator merges the results.
 This is what ``lightning-fed simulate`` starts for every party; in a real deployment
 each organisation runs it with its own config (channel on S3, its own node id).
 """
@@ -66,14 +68,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         finished = cli.trainer.state.status.value == "finished"
-        if strategy.role == "aggregator" and finished and can_test(cli.model, cli.datamodule):
-            cli.trainer.test(cli.model, datamodule=cli.datamodule)
+        if strategy.role == "aggregator" and finished:
+            if can_test(cli.model, cli.datamodule):
+                cli.trainer.test(cli.model, datamodule=cli.datamodule)
+            merged = strategy.collect_client_tests()  # None unless evaluate_on_clients
+            if merged is not None:
+                shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(merged.items()))
+                print(f"aggregator: the clients' test of the final model: {shown}", flush=True)
         elif finished and strategy.final_report is not None:
+            if strategy.final_report.get("federated_test_expected"):
+                if can_test(cli.model, cli.datamodule):  # the aggregator merges the clients'
+                    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+                else:
+                    strategy.decline_test()
             report = strategy.receive_test_report()
-            if report is not None:
-                metrics = report["test_metrics"]
-                shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
-                print(f"client {strategy.node_id}: the global model's test: {shown}", flush=True)
+            for key, what in (
+                ("test_metrics", "the global model's test"),
+                ("federated_test_metrics", "the clients' test of the global model"),
+            ):
+                metrics = (report or {}).get(key) or {}
+                if metrics:
+                    shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+                    print(f"client {strategy.node_id}: {what}: {shown}", flush=True)
     except LightningFedError as exc:
         print(f"lightning-fed party {strategy.node_id}: error: {exc}", file=sys.stderr)
         return 1

@@ -80,6 +80,7 @@ def test_simulate_runs_a_federation_and_says_where_the_outputs_are(tmp_path: Pat
         simulate_command(
             workdir,
             "--aggregator-arg=--trainer.strategy.init_args.rounds=2",
+            "--aggregator-arg=--trainer.strategy.init_args.evaluate_on_clients=true",
             "--threads=1",
         ),
         capture_output=True,
@@ -105,7 +106,16 @@ def test_simulate_runs_a_federation_and_says_where_the_outputs_are(tmp_path: Pat
         assert (theirs / "final.safetensors").is_file()
         their_report = json.loads((theirs / "report.json").read_text())
         assert their_report["test_metrics"] == report["test_metrics"]
+        assert their_report["federated_test_metrics"] == report["federated_test_metrics"]
         assert f"client {client}: the global model's test: test_acc=" in out
+    # evaluate_on_clients: the clients validated every round's model on their local
+    # validation data, and tested the final model on theirs (here the same holdout as
+    # the aggregator's, so the federated test equals the aggregator's own).
+    assert all("federated_metrics" in r for r in report["rounds"])
+    assert report["federated_test_clients"] == ["client-1", "client-2"]
+    federated_acc = report["federated_test_metrics"]["test_acc"]
+    assert federated_acc == pytest.approx(report["test_metrics"]["test_acc"], abs=1e-6)
+    assert "aggregator: the clients' test of the final model: test_acc=" in out
 
 
 def test_a_failing_aggregator_stops_the_clients_and_the_exit_code_says_so(

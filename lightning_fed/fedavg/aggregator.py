@@ -405,19 +405,24 @@ class AggregatorRole:
                 body["evaluate_round"] = evaluate_round
             self.channel.send(P.FINISH, body, to=sorted(self.clients), tensors=final_state)
 
-    def collect_evaluations(self, round: int) -> dict[str, Evaluation]:
-        """After a finish that asked for them: every client's validation of the final model.
+    def collect_evaluations(
+        self, round: int, phase: str = "validate", timeout: float | None = None
+    ) -> dict[str, Evaluation]:
+        """Every client's validation (after a finish that asked for it) or test (after
+        its own ``trainer.test``) of the final model.
 
-        Waits until each finished client answered, said it failed, or
-        ``calculation_timeout`` passed (then goes on with what came).
+        Waits until each finished client answered, said it failed, or ``timeout``
+        (default ``calculation_timeout``) passed, then goes on with what came.
         """
         waiting = set(self.clients)
         got: dict[str, Evaluation] = {}
-        deadline = time.monotonic() + self.config.calculation_timeout
-        notice = WaitNotice(log, "aggregator: waiting for the final evaluations", deadline)
+        wait = self.config.calculation_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        what = "validation" if phase == "validate" else "test"
+        notice = WaitNotice(log, f"aggregator: waiting for the clients' final {what}", deadline)
         while waiting and (left := deadline - time.monotonic()) > 0:
             notice.what = (
-                f"aggregator: waiting for the final evaluation of {', '.join(sorted(waiting))}"
+                f"aggregator: waiting for the final {what} of {', '.join(sorted(waiting))}"
             )
             try:
                 msg = self.channel.receive(
@@ -437,7 +442,11 @@ class AggregatorRole:
             except P.ProtocolError as exc:
                 log.warning("aggregator: ignored a malformed evaluation: %s", exc)
                 continue
-            if self.clients.get(msg.sender) != report.instance or msg.sender not in waiting:
+            if (
+                self.clients.get(msg.sender) != report.instance
+                or msg.sender not in waiting
+                or report.phase != phase
+            ):
                 continue
             waiting.discard(msg.sender)
             _, states = split_evaluation(msg.tensors)
@@ -446,9 +455,10 @@ class AggregatorRole:
                 got[msg.sender] = evaluation
         if waiting:
             log.warning(
-                "aggregator: no final evaluation from %s within calculation_timeout=%g s",
+                "aggregator: no final %s from %s within %g s",
+                what,
                 ", ".join(sorted(waiting)),
-                self.config.calculation_timeout,
+                wait,
             )
         return got
 

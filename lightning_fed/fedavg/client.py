@@ -345,10 +345,13 @@ class ClientRole:
         )
 
     def send_evaluation(
-        self, evaluation: dict[str, Any], tensors: Mapping[str, torch.Tensor]
+        self,
+        evaluation: dict[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        phase: str = "validate",
     ) -> None:
-        """Send this client's validation of the final model (after a finish asking for it)."""
+        """Send this client's validation or test of the final model."""
         if self.aggregator is None:
             raise FedAvgError("check_in() first: the aggregator is not known yet")
-        body = P.body_of(P.EvaluationReport(self.instance, evaluation))
+        body = P.body_of(P.EvaluationReport(self.instance, evaluation, phase))
         self.channel.send(P.EVALUATION, body, to=self.aggregator, tensors=tensors or None)

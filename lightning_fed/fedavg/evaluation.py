@@ -145,7 +145,8 @@ def split_evaluation(
 
 # -- the client's side -----------------------------------------------------------------
 class Capture(Callback):
-    """A callback for one validation run: its sample count and logged ``Metric`` states."""
+    """A callback for one validation or test run: its sample count and logged ``Metric``
+    states (install it for the run, then call :meth:`evaluation`)."""
 
     def __init__(self, round: int) -> None:
         self.round = round
@@ -194,6 +195,10 @@ class Capture(Callback):
                 tensors[attr] = value.detach().clone().cpu()
             states = MetricState(paths[id(metric)], type(metric).__qualname__, tensors, lists)
             self.states[name] = states
+
+    # A test run is counted and collected exactly as a validation run.
+    on_test_batch_end = on_validation_batch_end
+    on_test_epoch_end = on_validation_epoch_end
 
     def evaluation(self, callback_metrics: Mapping[str, Any]) -> Evaluation | None:
         """The run's evaluation, or None when no validation batch ran."""

@@ -69,6 +69,7 @@ class Outcome:
     final_report: dict[str, Any] | None = None
     finished_as: tuple[str, str] | None = None
     test_report_due: dict[str, str] | None = field(default=None)
+    test_sent: bool = False  # client: its test of the final model went to the aggregator
 
 
 @dataclass(frozen=True)
@@ -284,8 +285,12 @@ class AggregatorHooks(_RoleHooks):
             "final_federated_metrics": federated,
             "initial_federated_metrics": self.initial_federated,
             # Clients that ask for the final test's metrics wait only if one may come.
-            "test_expected": is_overridden("test_step", pl_module)
-            and (datamodule is None or is_overridden("test_dataloader", datamodule)),
+            "test_expected": self.config.evaluate_on_clients
+            or (
+                is_overridden("test_step", pl_module)
+                and (datamodule is None or is_overridden("test_dataloader", datamodule))
+            ),
+            "federated_test_expected": self.config.evaluate_on_clients,
             "peak_rss_bytes": peak_rss_bytes(),  # this aggregator process's, so far
             "finished_at": time.time(),
         }

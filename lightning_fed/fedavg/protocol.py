@@ -14,8 +14,9 @@ Sequence (see docs/fedavg.md for the diagram)::
     client      -> aggregator   failed        {instance, reason}    (this client stopped; the
                                                                      aggregator goes on without it)
     aggregator  -> every client report        {report}   (after its final test, with test_metrics)
-    client      -> aggregator   evaluation    {instance, evaluation} + metric states
-                                              (after a finish that asks for it)
+    client      -> aggregator   evaluation    {instance, evaluation, phase} + metric states
+                                              (validate: after a finish that asks for it;
+                                               test: after the client's trainer.test)
 
 Bodies come from peers, so every field is checked before use; a malformed body is a
 :class:`ProtocolError` naming the sender and the field.
@@ -239,12 +240,18 @@ def _evaluation(body: Mapping[str, Any], what: str) -> dict[str, Any] | None:
     return value
 
 
+#: What an evaluation message reports: the final model's validation or its test.
+PHASES = ("validate", "test")
+
+
 @dataclass(frozen=True)
 class EvaluationReport:
-    """A client's validation of the final global model, sent after the finish."""
+    """A client's validation (after the finish) or test (after its own
+    ``trainer.test``) of the final global model."""
 
     instance: str
     evaluation: dict[str, Any]
+    phase: str = "validate"
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], sender: str) -> EvaluationReport:
@@ -252,7 +259,10 @@ class EvaluationReport:
         evaluation = _evaluation(body, what)
         if evaluation is None:
             raise ProtocolError(f"{what}: field 'evaluation' is missing")
-        return cls(_field(body, "instance", str, what), evaluation)
+        phase = body.get("phase", "validate")
+        if phase not in PHASES:
+            raise ProtocolError(f"{what}: phase must be one of {PHASES}, got {phase!r}")
+        return cls(_field(body, "instance", str, what), evaluation, phase)
 
 
 def body_of(message: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from lightning_fed.fedavg.aggregator import AggregatorRole
 from lightning_fed.fedavg.client import ClientRole
 from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
 from lightning_fed.fedavg.errors import FedAvgError, FederationAbortedError, SupersededError
+from lightning_fed.fedavg.evaluation import Capture, Evaluation, merge
 from lightning_fed.fedavg.hooks import AggregatorHooks, ClientHooks, Outcome, Party
 from lightning_fed.fedavg.progress import RoundProgressBar
 from lightning_fed.node import Endpoint, NodeBusyError, Presence
@@ -183,6 +184,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
         self._channel: Channel | None = None
         self._presence: Presence | None = None
         self._outcome = Outcome()  # what the hooks leave: the report, who finished
+        self._test_capture: Capture | None = None  # client: its test of the final model
         self._hooks: AggregatorHooks | ClientHooks | None = None
         self._trainer: pl.Trainer | None = None
 
@@ -247,6 +249,9 @@ class FedAvgStrategy(SingleDeviceStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
+        if trainer.state.fn == TrainerFn.TESTING and self._federated_test_due():
+            self._test_capture = Capture(self._final_round())  # sent at on_test_end
+            callbacks_of(trainer).append(self._test_capture)
         if trainer.state.fn != TrainerFn.FITTING:
             return  # validate/test/predict run locally on the model as it is
         channel = self._open_channel(trainer)
@@ -323,14 +328,29 @@ class FedAvgStrategy(SingleDeviceStrategy):
     def on_test_end(self) -> None:
         super().on_test_end()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None or self.role != "aggregator":
+        if trainer is None:
+            return
+        if self.role == "client":
+            capture, self._test_capture = self._test_capture, None
+            if capture is not None:
+                callbacks_of(trainer).remove(capture)
+                evaluation = capture.evaluation(trainer.callback_metrics)
+                self._send_test(trainer, evaluation or Evaluation(capture.round, 0, {}))
             return
         clients, report = self._outcome.test_report_due, self.final_report
         if clients is None or report is None:
             return  # not the test right after this process's federation
-        self._outcome.test_report_due = None
         report["test_metrics"] = scalar_metrics(trainer.callback_metrics)
         save_report(report, self.output_dir(trainer) / "report.json")
+        if self.config.evaluate_on_clients:
+            return  # collect_client_tests() publishes, with the clients' tests merged
+        self._outcome.test_report_due = None
+        self._publish(trainer, report, clients)
+
+    def _publish(
+        self, trainer: pl.Trainer, report: dict[str, Any], clients: dict[str, str]
+    ) -> None:
+        """Send the report with the final test's metrics to the clients that finished."""
         compact = {k: v for k, v in report.items() if k != "rounds"}
         try:
             channel = self._open_channel(trainer)
@@ -381,6 +401,104 @@ class FedAvgStrategy(SingleDeviceStrategy):
         except Exception as exc:  # never hide the original failure
             log.warning("aggregator: could not tell the clients about the failure: %s", exc)
 
+    # -- the final test, federated (evaluate_on_clients) ---------------------------------
+    def _federated_test_due(self) -> bool:
+        """Client: whether the aggregator waits for this client's test of the final model."""
+        report = self.final_report
+        return (
+            self.role == "client"
+            and self._outcome.finished_as is not None
+            and report is not None
+            and bool(report.get("federated_test_expected"))
+            and not self._outcome.test_sent
+        )
+
+    def _final_round(self) -> int:
+        report = self.final_report or {}
+        rounds = report.get("rounds_completed", 0)
+        return rounds if isinstance(rounds, int) else 0
+
+    def _send_test(self, trainer: pl.Trainer, evaluation: Evaluation) -> None:
+        finished = self._outcome.finished_as
+        assert finished is not None
+        body, states = evaluation.encode()
+        channel = self._open_channel(trainer)
+        try:
+            role = ClientRole(channel, self.config)
+            role.aggregator, role.instance = finished
+            role.send_evaluation(body, states, "test")
+        finally:
+            channel.close()
+            self._channel = None
+        self._outcome.test_sent = True
+        log.info(
+            "client %s: sent its test of the final model (%d samples) to the aggregator",
+            self.node_id,
+            evaluation.samples,
+        )
+
+    def decline_test(self) -> None:
+        """Client without test data, after ``fit``: tell an aggregator that waits for the
+        clients' tests (``evaluate_on_clients``) not to wait for this one.
+
+        ``trainer.test(...)`` on a client sends its test instead; neither is needed when
+        the aggregator does not evaluate on clients.
+        """
+        if self._federated_test_due():
+            self._send_test(self._trainer_after_fit(), Evaluation(self._final_round(), 0, {}))
+
+    def collect_client_tests(self, timeout: float | None = None) -> dict[str, float] | None:
+        """Aggregator, after ``fit`` (and its own ``test``, if it has test data): the
+        clients' tests of the final model, merged, then the report sent to the clients.
+
+        With ``evaluate_on_clients`` every client that finished runs ``trainer.test``
+        on its own data (or :meth:`decline_test`); logged torchmetrics ``Metric``
+        objects merge exactly, floats by test samples (see docs/algorithms.md). The
+        result is ``federated_test_metrics`` in ``report.json`` and in the report the
+        clients receive.
+
+        Args:
+            timeout: seconds to wait for the clients (default ``calculation_timeout``).
+
+        Returns:
+            The merged metrics, or None when the aggregator does not evaluate on clients.
+        """
+        if self.role != "aggregator" or not self.config.evaluate_on_clients:
+            return None
+        trainer = self._trainer_after_fit()
+        report, clients = self.final_report, self._outcome.test_report_due
+        if report is None or clients is None:
+            raise FedAvgError(
+                "collect_client_tests() is for an aggregator whose fit completed, once; "
+                "hint: call it after trainer.fit(...) (and trainer.test(...), if any)"
+            )
+        self._outcome.test_report_due = None
+        rounds = self._final_round()
+        channel = self._open_channel(trainer)
+        try:
+            role = AggregatorRole(channel, self.config, clients)
+            evaluations = role.collect_evaluations(rounds, "test", timeout)
+        finally:
+            channel.close()
+            self._channel = None
+        module = self.lightning_module
+        assert module is not None
+        merged, exact = merge(module, evaluations.items())
+        report.setdefault("test_metrics", {})
+        report["federated_test_metrics"] = merged
+        report["federated_test_exact"] = exact
+        report["federated_test_clients"] = sorted(e for e, v in evaluations.items() if v.samples)
+        save_report(report, self.output_dir(trainer) / "report.json")
+        for logger in trainer.loggers:
+            logger.log_metrics({f"federated/{k}": v for k, v in merged.items()}, step=rounds)
+        log.info(
+            "aggregator: federated test of the final model by %d clients: %s",
+            len(report["federated_test_clients"]),
+            ", ".join(f"{k}={v:.4g}" for k, v in sorted(merged.items())) or "nothing logged",
+        )
+        self._publish(trainer, report, clients)
+        return merged
+
     def receive_test_report(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Client, after ``fit``: wait for the aggregator's final test metrics.
 
@@ -421,7 +539,7 @@ class FedAvgStrategy(SingleDeviceStrategy):
         if got is None:
             log.info("client %s: no test metrics from the aggregator in %g s", self.node_id, wait)
             return None
-        report = {**known, "test_metrics": got.test_metrics}
+        report = {**known, **got.report, "test_metrics": got.test_metrics}
         save_report(report, self.output_dir(trainer) / "report.json")
         self._outcome.final_report = report
         return report

@@ -117,6 +117,7 @@ class MetricNet(TinyNet):
 
         self.accuracy = BinaryAccuracy()
         self.auroc = BinaryAUROC()
+        self.test_auroc = BinaryAUROC()
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -127,6 +128,13 @@ class MetricNet(TinyNet):
         self.log("val_acc", self.accuracy)  # Metric objects: merged exactly
         self.log("val_auroc", self.auroc)
         self._seen.append((scores, y))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        scores = self(x).softmax(dim=1)[:, 1]
+        self.test_auroc(scores, y)
+        self.log("test_auroc", self.test_auroc)
+        self.log("test_acc", ((scores > 0.5).long() == y).float().mean())  # a plain float
 
     def on_validation_epoch_end(self) -> None:
         from torchmetrics.functional.classification import binary_auroc
@@ -221,6 +229,7 @@ def run_party(
     try:
         if role == "aggregator" and party.get("no_data"):
             trainer.fit(model)  # no datamodule, no loaders: the clients evaluate
+            strategy.collect_client_tests(timeout=120)
         elif role == "aggregator":
             holdout = DataLoader(dataset(999, 128), batch_size=128)
             trainer.fit(model, val_dataloaders=holdout)
@@ -232,6 +241,10 @@ def run_party(
                 train_dataloaders=DataLoader(data, batch_size=batch, shuffle=False),
                 val_dataloaders=None if val is None else DataLoader(noisy_dataset(*val), 16),
             )
+            test = party.get("test")  # (seed, n, shift): test the final model, federated
+            if test is not None and strategy.final_report is not None:
+                trainer.test(model, dataloaders=DataLoader(noisy_dataset(*test), 16), verbose=False)
+                strategy.receive_test_report(timeout=120)
             if party.get("wait_test_report") and strategy.final_report is not None:
                 strategy.receive_test_report(timeout=60)
     except Exception as exc:

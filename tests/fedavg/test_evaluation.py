@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -14,15 +15,16 @@ from tests.fedavg import parties
 
 FAST = {"schedule_timeout": 60, "calculation_timeout": 60}
 VAL = {"c1": (101, 30, -1.0), "c2": (102, 50, 0.0), "c3": (103, 70, 1.5)}  # seed, n, shift
+TEST = {"c1": (201, 40, 1.0), "c2": (202, 25, -0.5), "c3": (203, 60, 0.0)}
 
 
-def _pooled(final: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _pooled(final: dict[str, torch.Tensor], sets: dict[str, Any] = VAL) -> dict[str, Any]:
     model = parties.MetricNet()
     model.load_state_dict(final)
     per_client = {}
     scores, labels = [], []
     with torch.no_grad():
-        for c, spec in VAL.items():
+        for c, spec in sets.items():
             x, y = parties.noisy_dataset(*spec).tensors
             s = model(x).softmax(dim=1)[:, 1]
             per_client[c] = (float(binary_auroc(s, y)), len(y))
@@ -43,7 +45,8 @@ def test_federated_accuracy_and_auroc_equal_the_pooled_metrics_with_a_data_less_
 ) -> None:
     f = fed("c1", "c2", "c3")
     for i, c in enumerate(f.clients):
-        f.start(c, "client", FAST, {"data_seed": i + 1, "model": "metrics", "val": VAL[c]})
+        party = {"data_seed": i + 1, "model": "metrics", "val": VAL[c], "test": TEST[c]}
+        f.start(c, "client", FAST, party)
     agg = {**FAST, "rounds": 2, "evaluate_on_clients": True}
     f.start("agg", "aggregator", agg, {"model": "metrics", "no_data": True})
     assert f.wait() == {"c1": 0, "c2": 0, "c3": 0, "agg": 0}, f.log("agg") + f.log("c1")
@@ -62,6 +65,16 @@ def test_federated_accuracy_and_auroc_equal_the_pooled_metrics_with_a_data_less_
     assert set(report["initial_federated_metrics"]) >= {"val_acc", "val_auroc"}  # round 0
     assert "federated_metrics" in report["rounds"][0]  # round 1's model, validated in round 2
     assert "validated the global model of round 2" in f.log("c2")
+    # The final test, federated: each client tests the final model on its own test data.
+    tested = _pooled(load_file(str(f.out("agg") / "final.safetensors")), TEST)
+    assert report["federated_test_metrics"]["test_auroc"] == pytest.approx(
+        tested["auroc"], abs=1e-6
+    )
+    assert report["federated_test_exact"] == ["test_auroc"]  # test_acc: a float, weighted
+    assert report["federated_test_metrics"]["test_acc"] == pytest.approx(tested["acc"], abs=1e-6)
+    assert report["federated_test_clients"] == ["c1", "c2", "c3"]
+    theirs = json.loads((f.out("c1") / "report.json").read_text())
+    assert theirs["federated_test_metrics"] == report["federated_test_metrics"]
 
 
 def test_merge_falls_back_to_the_weighted_mean_when_a_state_does_not_fit() -> None:
