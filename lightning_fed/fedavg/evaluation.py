@@ -13,7 +13,7 @@ validation loop. What it logged comes back to the aggregator in two forms:
   (``Metric.merge_state``) and computes it: the result equals the metric computed on
   all clients' data pooled.
 
-Lightning's loop internals are touched in one place only, :func:`validate_now`.
+Lightning's internals are reached through :mod:`lightning_fed.trainer_access` only.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_fed.trainer_access import callbacks_of
+from lightning_fed.trainer_access import callbacks_of, logged_results, validate_inside_fit
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,7 @@ class Capture(Callback):
         """The names logged and the states of the Metric objects among them."""
         module = pl_module
         paths = {id(m): name for name, m in module.named_modules() if isinstance(m, Metric)}
-        results = getattr(trainer, "_results", None)
-        for result in [] if results is None else results.values():
+        for result in logged_results(trainer):
             name = result.meta.name
             self.names.add(name)
             metric = result.value
@@ -224,16 +223,9 @@ def validate_now(trainer: pl.Trainer, round: int) -> Evaluation | None:
     capture = Capture(round)
     callbacks = callbacks_of(trainer)
     callbacks.append(capture)
-    loop = trainer.fit_loop.epoch_loop.val_loop
-    connector = trainer._logger_connector
-    first = getattr(connector, "_first_loop_iter", None)
-    trainer.validating = True
     try:
-        loop.run()
+        validate_inside_fit(trainer)
     finally:
-        trainer.training = True
-        if first is not None:
-            connector._first_loop_iter = first
         callbacks.remove(capture)
     return capture.evaluation(trainer.callback_metrics)
 
