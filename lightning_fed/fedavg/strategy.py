@@ -27,11 +27,13 @@ from lightning_fed.algorithms import Algorithm, FedAvg
 from lightning_fed.channel import Channel, ChannelError
 from lightning_fed.errors import SettingError
 from lightning_fed.fedavg.aggregator import AggregatorRole
+from lightning_fed.fedavg.aggregator_hooks import AggregatorHooks
 from lightning_fed.fedavg.client import ClientRole
+from lightning_fed.fedavg.client_hooks import ClientHooks
 from lightning_fed.fedavg.config import FedAvgConfig, resolve_role
 from lightning_fed.fedavg.errors import FedAvgError, FederationAbortedError, SupersededError
 from lightning_fed.fedavg.evaluation import Capture, Evaluation, merge
-from lightning_fed.fedavg.hooks import AggregatorHooks, ClientHooks, Outcome, Party
+from lightning_fed.fedavg.hooks import Outcome, Party
 from lightning_fed.fedavg.progress import RoundProgressBar
 from lightning_fed.node import Endpoint, NodeBusyError, Presence
 from lightning_fed.outputs import save_report, scalar_metrics

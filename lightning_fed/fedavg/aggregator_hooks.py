@@ -1,0 +1,268 @@
+"""The aggregator's Lightning callback: its epochs are the rounds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
+
+from lightning_fed.algorithms import (
+    Algorithm,
+)
+from lightning_fed.algorithms.aggregate import update_problems
+from lightning_fed.fedavg.aggregator import AggregatorRole
+from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.fedavg.evaluation import Evaluation, merge
+from lightning_fed.fedavg.hooks import RECOVERY_CHECKPOINT, Outcome, Party, RoleHooks
+from lightning_fed.fedavg.weights import copy_state, federated_state
+from lightning_fed.outputs import (
+    peak_rss_bytes,
+    save_report,
+    save_weights,
+    scalar_metrics,
+    temporary_sibling,
+)
+from lightning_fed.trainer_access import restore_during_setup
+
+log = logging.getLogger(__name__)
+
+
+class AggregatorHooks(RoleHooks):
+    """The aggregator's side: gather clients, run one round per epoch, publish the result."""
+
+    def __init__(self, party: Party, outcome: Outcome, algorithm: Algorithm) -> None:
+        super().__init__(party, outcome)
+        self.algorithm = algorithm
+        self.role = AggregatorRole(party.channel, self.config, algorithm=algorithm)
+        self.history: list[dict[str, Any]] = []
+        self.resumed_after = 0
+        self._validated: dict[str, float] | None = None
+        self._restored_algorithm: dict[str, Any] | None = None
+        self.initial_federated: dict[str, float] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "FedAvgAggregator"
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.channel.task.task_id,
+            "clients": dict(self.role.clients),
+            "history": list(self.history),
+            "algorithm": {**self.algorithm.describe(), "state": self.algorithm.state_dict()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("task_id") != self.channel.task.task_id:
+            raise FedAvgError(
+                f"the recovery checkpoint belongs to task {state_dict.get('task_id')!r}, not "
+                f"{self.channel.task.task_id!r}; hint: give each task its own state_dir"
+            )
+        saved = state_dict.get("algorithm", {"name": "fedavg", "params": {}, "state": {}})
+        described = self.algorithm.describe()
+        if {k: saved.get(k) for k in ("name", "params")} != described:
+            raise FedAvgError(
+                f"the recovery checkpoint was made by algorithm {saved.get('name')!r} with "
+                f"{saved.get('params')!r}, this run has {described['name']!r} with "
+                f"{described['params']!r}; hint: restart with the same algorithm, or give "
+                "the new run its own state_dir"
+            )
+        self.role.clients = dict(state_dict.get("clients", {}))
+        self.history = list(state_dict.get("history", []))
+        self.resumed_after = len(self.history)
+        self._restored_algorithm = dict(saved.get("state", {}))
+
+    def recovery_path(self, trainer: pl.Trainer) -> Path:
+        return self.party.state_dir / RECOVERY_CHECKPOINT
+
+    def restore_if_possible(self, trainer: pl.Trainer) -> None:
+        """Resume from the last completed round's checkpoint, if one exists."""
+        path = self.recovery_path(trainer)
+        if not path.is_file():
+            log.info("aggregator: no recovery checkpoint at %s; starting at round 1", path)
+            return
+        # Lightning restores the optimizers and loop counters right after setup().
+        restore_during_setup(trainer, path)
+        log.warning(
+            "aggregator: recovered from %s; resuming after round %d", path, self.resumed_after
+        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._describe_model(pl_module)
+        self.algorithm.setup(self.model, self.role.expected_clients)
+        if self._restored_algorithm is not None:
+            self.algorithm.load_state_dict(self._restored_algorithm)
+            self._restored_algorithm = None
+        log.info("aggregator: algorithm %r", self.algorithm)
+        if self.resumed_after and self.role.clients:
+            self.role.poll_checkins()
+            log.info("aggregator: clients %s carry on", ", ".join(sorted(self.role.clients)))
+        else:
+            self.role.gather()
+
+    def run_round(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """One round: distribute, collect, fold, make the new global model, log."""
+        round = trainer.current_epoch + 1
+        current = federated_state(module, self.names)
+        result = self.role.run_round(round, current, self.expected)
+        new = self.algorithm.server_update(current, result.aggregate)
+        problems = update_problems(self.expected, new)
+        if problems:
+            raise FedAvgError(
+                f"round {round}: algorithm {self.algorithm!r} made a global model that does "
+                f"not fit: {'; '.join(problems[:5])}; hint: lower its learning rate"
+            )
+        copy_state(module, new)
+        del current, new
+        self.history.append(result.summary())
+        if result.evaluations:  # the clients' validation of the model this round started from
+            self._record_federated(trainer, module, round - 1, result.evaluations)
+        flat: dict[str, float] = {
+            "fedavg/participants": float(len(result.samples)),
+            "fedavg/samples": float(sum(result.samples.values())),
+            "fedavg/round_seconds": result.seconds,
+        }
+        for client, n in result.samples.items():
+            flat[f"clients/{client}/num_samples"] = float(n)
+            for name, value in result.metrics.get(client, {}).items():
+                flat[f"clients/{client}/{name}"] = value
+        for logger in trainer.loggers:
+            logger.log_metrics(flat, step=round)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            pl_module.log("step", float(trainer.current_epoch + 1))  # the round is the x-axis
+            self._validated = {}
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validated is not None:
+            self._validated = scalar_metrics(trainer.callback_metrics)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validated = None
+        if trainer.current_epoch + 1 == self.config.rounds:
+            trainer.check_val_every_n_epoch = 1  # the final global model is always validated
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        round = trainer.current_epoch + 1
+        if not self.history or self.history[-1]["round"] != round:
+            return
+        metrics = self._validated or {}  # empty in rounds that log_rounds skips
+        self.history[-1]["metrics"] = metrics
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+        log.info(
+            "aggregator: round %d/%d done (%d clients, %.2f s)%s",
+            round,
+            self.config.rounds,
+            len(self.history[-1]["samples"]),
+            self.history[-1]["seconds"],
+            f": {shown}" if shown else "",
+        )
+        if self.config.recovery:
+            path = self.recovery_path(trainer)
+            tmp = temporary_sibling(path)
+            trainer.save_checkpoint(tmp)
+            os.replace(tmp, path)
+
+    def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        local: dict[str, float] = next(
+            (r["metrics"] for r in reversed(self.history) if r.get("metrics")), {}
+        )
+        federated: dict[str, float] = next(
+            (r["federated_metrics"] for r in reversed(self.history) if r.get("federated_metrics")),
+            {},
+        )
+        datamodule = getattr(trainer, "datamodule", None)
+        return {
+            "task_id": self.channel.task.task_id,
+            "aggregator": self.channel.node_id,
+            "clients": sorted(self.role.clients),
+            "algorithm": self.algorithm.describe(),
+            "rounds_planned": self.config.rounds,
+            "rounds_completed": len(self.history),
+            "rounds": self.history,
+            # the aggregator's own validation; the clients' when it holds no data
+            "final_metrics": local or federated,
+            "final_federated_metrics": federated,
+            "initial_federated_metrics": self.initial_federated,
+            # Clients that ask for the final test's metrics wait only if one may come.
+            "test_expected": self.config.evaluate_on_clients
+            or (
+                is_overridden("test_step", pl_module)
+                and (datamodule is None or is_overridden("test_dataloader", datamodule))
+            ),
+            "federated_test_expected": self.config.evaluate_on_clients,
+            "peak_rss_bytes": peak_rss_bytes(),  # this aggregator process's, so far
+            "finished_at": time.time(),
+        }
+
+    def _record_federated(
+        self,
+        trainer: pl.Trainer,
+        module: pl.LightningModule,
+        round: int,
+        evaluations: Mapping[str, Evaluation],
+    ) -> None:
+        """Merge the clients' validations of round ``round``'s model; log and keep them."""
+        merged, exact = merge(module, evaluations.items())
+        if not merged:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({f"federated/{k}": v for k, v in merged.items()}, step=round)
+        entry = next((h for h in self.history if h["round"] == round), None)
+        if entry is None:
+            self.initial_federated = merged  # round 0: the model before any round
+        else:
+            entry["federated_metrics"] = merged
+            entry["federated_exact"] = exact
+            entry["federated_clients"] = sorted(evaluations)
+        log.info(
+            "aggregator: federated validation of round %d's model by %d clients: %s",
+            round,
+            len(evaluations),
+            ", ".join(f"{k}={v:.4g}" for k, v in sorted(merged.items())),
+        )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        out = self.output_dir
+        save_weights(pl_module.state_dict(), out / "final.safetensors")
+        trainer.save_checkpoint(out / "final.ckpt")
+        report = self.report(trainer, pl_module)
+        save_report(report, out / "report.json")
+        compact = {k: v for k, v in report.items() if k != "rounds"}
+        final_round = len(self.history) if self.config.evaluate_on_clients else None
+        self.role.finish(federated_state(pl_module, self.names), compact, final_round)
+        if final_round is not None:
+            evaluations = self.role.collect_evaluations(final_round)
+            self._record_federated(trainer, pl_module, final_round, evaluations)
+            report = self.report(trainer, pl_module)
+            save_report(report, out / "report.json")
+        self.outcome.final_report = report
+        self.outcome.test_report_due = dict(self.role.clients)
+        log.info("aggregator: final model and report in %s", out)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        try:
+            self.role.abort(f"{type(exception).__name__}: {exception}")
+        except Exception as exc:  # never hide the original failure
+            log.warning("aggregator: could not tell the clients about the failure: %s", exc)

@@ -1,0 +1,251 @@
+"""A client's Lightning callback: local training between the aggregator's instructions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.data import extract_batch_size
+from typing_extensions import override
+
+from lightning_fed.algorithms import (
+    ClientAlgorithm,
+    ClientRound,
+    algorithm_from,
+)
+from lightning_fed.algorithms.base import AlgorithmError, split_extras, with_extras
+from lightning_fed.fedavg import protocol as P
+from lightning_fed.fedavg.client import ClientRole, Instruction
+from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.fedavg.evaluation import Evaluation, validate_now
+from lightning_fed.fedavg.hooks import Outcome, Party, RoleHooks
+from lightning_fed.fedavg.weights import federated_state, load_state
+from lightning_fed.outputs import (
+    save_report,
+    save_weights,
+    scalar_metrics,
+    temporary_sibling,
+)
+from lightning_fed.trainer_access import callbacks_of
+
+log = logging.getLogger(__name__)
+
+
+class ClientHooks(RoleHooks):
+    """A client's side: check in, train each round's epochs or steps, upload, follow.
+
+    In epochs mode the round ends at the end of its last local epoch, and
+    ``num_samples`` is the number of samples of that epoch (the local dataset's size).
+    In steps mode it ends after the batch that completes its optimizer steps, and
+    ``num_samples`` counts every sample trained in the round.
+    """
+
+    def __init__(self, party: Party, outcome: Outcome) -> None:
+        super().__init__(party, outcome)
+        self.role = ClientRole(party.channel, self.config)
+        self.algorithm: ClientAlgorithm | None = None
+        self._algorithm_key: str | None = None  # the description it was built from
+        self._algorithm_name = ""
+        self._evaluation: Evaluation | None = None  # to send with this round's update
+        self.epochs_left = 0
+        self.steps_until: int | None = None  # the global_step that ends a steps round
+        self.round_due = False  # steps mode: the round ends at this epoch's end
+        self.finished = False
+        self.seen = 0
+        self.fit_started = time.monotonic()
+        self._counted_batches = False
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._describe_model(pl_module)
+        self.role.check_in()
+        self._follow(trainer, pl_module, self.role.next_instruction())
+
+    def _follow(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, instruction: Instruction
+    ) -> None:
+        source = f"aggregator {self.role.aggregator!r}"
+        model, extras = split_extras(instruction.tensors)
+        load_state(pl_module, model, self.expected, source)
+        if instruction.kind == P.ROUND:
+            start = instruction.start
+            assert start is not None
+            self._evaluation = (
+                self._validate(trainer, instruction.round - 1) if start.evaluate else None
+            )
+            self._start_algorithm(trainer, pl_module, start, instruction.round, model, extras)
+            self.epochs_left = start.local_epochs
+            self.steps_until = (
+                None if start.local_steps is None else trainer.global_step + start.local_steps
+            )
+            self.seen = 0
+            self.fit_started = time.monotonic()
+            return
+        self.finished = True
+        trainer.should_stop = True
+        out = self.output_dir
+        save_weights(pl_module.state_dict(), out / "final.safetensors")
+        save_report(instruction.report, out / "report.json")
+        self.outcome.final_report = dict(instruction.report)
+        assert self.role.aggregator is not None
+        self.outcome.finished_as = (self.role.aggregator, self.role.instance)
+        log.info("client %s: federation finished; final model in %s", self.channel.node_id, out)
+        if instruction.evaluate_round is not None:  # the aggregator waits for every answer
+            evaluation = self._validate(trainer, instruction.evaluate_round) or Evaluation(
+                instruction.evaluate_round, 0, {}
+            )
+            body, states = evaluation.encode()
+            self.role.send_evaluation(body, states)
+
+    def _validate(self, trainer: pl.Trainer, round: int) -> Evaluation | None:
+        """Validate the global model just loaded on this client's data (None: no data)."""
+        evaluation = validate_now(trainer, round)
+        if evaluation is not None:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(evaluation.metrics.items()))
+            log.info(
+                "client %s: validated the global model of round %d on %d samples: %s",
+                self.channel.node_id,
+                round,
+                evaluation.samples,
+                shown or "nothing logged",
+            )
+        return evaluation
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.steps_until is None:
+            self.seen = 0  # epochs mode: weigh by the last epoch's samples
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.finished:
+            return
+        try:
+            self.seen += extract_batch_size(batch)
+        except Exception:
+            if not self._counted_batches:
+                log.warning("client: cannot infer batch sizes; weighting by batch count")
+                self._counted_batches = True
+            self.seen += 1
+        if self.steps_until is not None and trainer.global_step >= self.steps_until:
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                # The epoch's validation and epoch-level metrics come after this hook:
+                # end the round in on_train_epoch_end, with them, on this round's model.
+                self.round_due = True
+            else:
+                self._end_round(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.finished:
+            return
+        if self.steps_until is not None:
+            if self.round_due:
+                self.round_due = False
+                self._end_round(trainer, pl_module)
+            return
+        self.epochs_left -= 1
+        if self.epochs_left <= 0:
+            self._end_round(trainer, pl_module)
+
+    def _end_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Upload this round's tensors, then wait for and follow the next instruction."""
+        if self.seen < 1:
+            raise FedAvgError(
+                f"client {self.channel.node_id!r} trained on no samples this round; hint: "
+                "check its train_dataloader and limit_train_batches"
+            )
+        metrics = scalar_metrics(trainer.callback_metrics)
+        metrics["fit_seconds"] = time.monotonic() - self.fit_started  # local training time
+        extras = {} if self.algorithm is None else self.algorithm.finish_round(pl_module)
+        if self.algorithm is not None:
+            self._save_algorithm_state()
+        tensors = with_extras(federated_state(pl_module, self.names), extras)
+        evaluation, self._evaluation = self._evaluation, None
+        body = None
+        if evaluation is not None:
+            body, states = evaluation.encode()
+            tensors.update(states)
+        self.role.upload(tensors, self.seen, metrics, body)
+        del tensors, extras
+        current = self.role.current
+        log.info(
+            "client %s: round %s trained on %d samples%s",
+            self.channel.node_id,
+            "?" if current is None else current.round,
+            self.seen,
+            "".join(f", {k}={v:.4g}" for k, v in sorted(metrics.items())),
+        )
+        self._follow(trainer, pl_module, self.role.next_instruction())
+
+    # -- the algorithm's client side ------------------------------------------------------
+    def _start_algorithm(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        start: P.RoundStart,
+        round: int,
+        model: Mapping[str, torch.Tensor],
+        extras: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Install (once, or anew when the aggregator changed it) and start the client side."""
+        key = json.dumps(start.algorithm, sort_keys=True)
+        if key != self._algorithm_key:
+            self._remove_algorithm(trainer)
+            try:
+                algorithm = algorithm_from(start.algorithm)
+            except AlgorithmError as exc:
+                raise FedAvgError(str(exc)) from None
+            client = algorithm.client()
+            if client is not None:
+                self._load_algorithm_state(client, algorithm.name)
+                callbacks_of(trainer).append(client)
+            self.algorithm, self._algorithm_key = client, key
+            self._algorithm_name = algorithm.name
+            log.info("client %s: algorithm %r", self.channel.node_id, algorithm)
+        if self.algorithm is not None:
+            self.algorithm.start_round(ClientRound(round, pl_module, self.model, model, extras))
+
+    def _remove_algorithm(self, trainer: pl.Trainer) -> None:
+        if self.algorithm is not None and self.algorithm in callbacks_of(trainer):
+            callbacks_of(trainer).remove(self.algorithm)
+        self.algorithm, self._algorithm_key = None, None
+
+    def _algorithm_state_path(self, name: str) -> Path:
+        return self.party.state_dir / f"algorithm-{name}.pt"
+
+    def _load_algorithm_state(self, client: ClientAlgorithm, name: str) -> None:
+        path = self._algorithm_state_path(name)
+        if path.is_file():
+            client.load_state_dict(torch.load(path, weights_only=True))
+            log.info("client %s: restored %s's state from %s", self.channel.node_id, name, path)
+
+    def _save_algorithm_state(self) -> None:
+        assert self.algorithm is not None
+        state = self.algorithm.state_dict()
+        if not state:
+            return
+        path = self._algorithm_state_path(self._algorithm_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(path)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    @override
+    def detach(self, trainer: pl.Trainer) -> None:
+        self._remove_algorithm(trainer)
+        super().detach(trainer)
