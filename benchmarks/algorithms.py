@@ -41,7 +41,7 @@ sys.path[:0] = [str(ROOT / "examples" / "mnist")]
 #: (label, class path, init args)
 ALGORITHMS: list[tuple[str, str, dict[str, Any]]] = [
     ("FedAvg", "lightning_fed.algorithms.FedAvg", {}),
-    ("FedAvgM", "lightning_fed.algorithms.FedAvgM", {"lr": 1.0, "momentum": 0.9}),
+    ("FedAvgM", "lightning_fed.algorithms.FedAvgM", {"lr": 0.1, "momentum": 0.9}),
     ("FedAdam", "lightning_fed.algorithms.FedAdam", {"lr": 0.01}),
     ("FedYogi", "lightning_fed.algorithms.FedYogi", {"lr": 0.01}),
     ("FedAdagrad", "lightning_fed.algorithms.FedAdagrad", {"lr": 0.01}),
