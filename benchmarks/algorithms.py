@@ -74,11 +74,20 @@ def _overheads(report: dict[str, Any]) -> list[float]:
 def federation(
     work: Path, label: str, path: str, init: dict[str, Any], alpha: float, seed: int, rounds: int
 ) -> dict[str, Any]:
-    """One federation; returns its report."""
+    """One federation; returns its report, or ``{"failed": reason}`` if it failed.
+
+    A finished federation's report in ``work`` is reused, so a rerun with the same
+    ``--workdir`` carries on where an interrupted one stopped.
+    """
     from lightning_fed.simulate import simulate
 
     ex = ROOT / "examples" / "mnist"
     name = f"{label}-a{alpha}-s{seed}"
+    done = work / name / "aggregator" / "fedavg" / "mnist" / "aggregator" / "report.json"
+    if done.is_file():
+        report = json.loads(done.read_text())
+        if report.get("rounds_completed") == rounds and report.get("test_metrics"):
+            return dict(report)
     with open(work / f"{name}.log", "w") as log:
         result = simulate(
             ex / "aggregator.yaml",
@@ -108,7 +117,12 @@ def federation(
             threads=1,
         )
     if not (result.ok and result.report):
-        raise SystemExit(f"the {name} federation failed; see {work / (name + '.log')}")
+        errors = [
+            line.split("error: ", 1)[1]
+            for line in (work / f"{name}.log").read_text().splitlines()
+            if "[aggregator] lightning-fed party aggregator: error: " in line
+        ]
+        return {"failed": (errors or ["see " + str(work / f"{name}.log")])[0][:300]}
     return dict(result.report)
 
 
@@ -164,13 +178,21 @@ def accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                 started = time.monotonic()
                 report = federation(work, label, path, init, alpha, seed, args.rounds)
                 runs.setdefault(label, []).append(report)
-                acc = report["test_metrics"]["test_acc"]
                 took = time.monotonic() - started
+                if "failed" in report:
+                    print(f"alpha {alpha} {label:11s} seed {seed}: FAILED: {report['failed']}")
+                    continue
+                acc = report["test_metrics"]["test_acc"]
                 print(f"alpha {alpha} {label:11s} seed {seed}: test_acc {acc:.4f} ({took:.0f} s)")
-        fedavg = runs["FedAvg"]
+        fedavg = [r for r in runs["FedAvg"] if "failed" not in r]
         fedavg_final = statistics.fmean(r["test_metrics"]["test_acc"] for r in fedavg)
         fedavg_overhead = statistics.median(o for r in fedavg for o in _overheads(r))
-        for label, reports in runs.items():
+        for label, all_reports in runs.items():
+            reports = [r for r in all_reports if "failed" not in r]
+            failed = [r["failed"] for r in all_reports if "failed" in r]
+            if not reports:
+                rows.append({"algorithm": label, "alpha": alpha, "seeds": 0, "failed": failed})
+                continue
             accs = [r["test_metrics"]["test_acc"] for r in reports]
             to_target = [_rounds_to(_curve(r), 0.95 * fedavg_final) for r in reports]
             overhead = statistics.median(o for r in reports for o in _overheads(r))
@@ -179,6 +201,7 @@ def accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                     "algorithm": label,
                     "alpha": alpha,
                     "seeds": len(reports),
+                    "failed": failed,
                     "accuracy_mean": statistics.fmean(accs),
                     "accuracy_min": min(accs),
                     "accuracy_max": max(accs),
@@ -198,6 +221,9 @@ def accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         f"{'overhead':>9s} {'x FedAvg':>8s} {'agg RSS':>8s}"
     )
     for r in rows:
+        if not r["seeds"]:
+            print(f"{r['algorithm']:11s} {r['alpha']:5.1f} every seed FAILED: {r['failed'][0]}")
+            continue
         reach = ",".join("-" if v is None else str(v) for v in r["rounds_to_95pct_of_fedavg"])
         ratio = "-" if r["overhead_vs_fedavg"] is None else f"{r['overhead_vs_fedavg']:.2f}"
         print(
@@ -205,7 +231,8 @@ def accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             f"{r['accuracy_min']:6.4f} {r['accuracy_max']:6.4f} "
             f"{r['gap_to_centralised_pp']:+9.2f}pp {r['gap_to_fedavg_pp']:+8.2f}pp "
             f"{reach:>14s} {r['overhead_ms']:7.0f}ms {ratio:>8s} "
-            f"{r['aggregator_peak_rss_mb']:6.0f}MB",
+            f"{r['aggregator_peak_rss_mb']:6.0f}MB"
+            + (f"  ({len(r['failed'])} seed(s) FAILED)" if r["failed"] else ""),
             flush=True,
         )
     for alpha in args.alphas:
@@ -214,6 +241,7 @@ def accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             for r in rows
             if r["alpha"] == alpha
             and r["algorithm"] in ("FedProx", "SCAFFOLD", "FedAdam")
+            and r["seeds"]
             and r["gap_to_fedavg_pp"] >= 2
         ]
         print(

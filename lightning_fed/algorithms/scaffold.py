@@ -37,6 +37,27 @@ def control_update(
     return c_local - c + (x - y) / lr_sum
 
 
+def effective_lr(group: Mapping[str, Any], optimizer: object = None) -> float:
+    """The step size one unit of gradient moves a parameter by, in the long run.
+
+    Plain SGD: ``lr``. SGD with heavy-ball momentum ``m``: ``lr / (1 - m)``: the
+    correction and the gradients are both amplified by the momentum buffer, so the
+    control estimate ``(x - y) / sum(lr)`` must be too, or ``c_i`` comes out ``1/(1-m)``
+    times too large and the corrections feed back until training diverges.
+    """
+    lr = group.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, int | float):
+        raise AlgorithmError(
+            f"SCAFFOLD needs each parameter group's learning rate, got lr={lr!r} from "
+            f"{type(optimizer).__name__}; hint: use an optimizer with an 'lr' in its "
+            "param_groups"
+        )
+    momentum = group.get("momentum", 0.0)
+    if isinstance(momentum, int | float) and not isinstance(momentum, bool) and 0 < momentum < 1:
+        return float(lr) / (1.0 - float(momentum))
+    return float(lr)
+
+
 def _control_spec(spec: TensorSpec) -> TensorSpec:
     return TensorSpec(spec.shape, torch.promote_types(spec.dtype, torch.float32))
 
@@ -54,9 +75,11 @@ class Scaffold(Algorithm):
     participation is handled as in the paper. The global model moves by ``lr``
     times the clients' (sample-weighted) mean change.
 
-    The correction is exact for SGD; with momentum or adaptive client optimisers it
-    is the common approximation. ``K lr`` is the sum of the learning rates of the
-    round's steps, read from each parameter group's ``lr``.
+    The correction is exact for SGD. ``K lr`` is the sum of the learning rates of the
+    round's steps, read from each parameter group's ``lr``; with SGD's heavy-ball
+    ``momentum`` each step counts ``lr / (1 - momentum)`` (see :func:`effective_lr`;
+    without it, SCAFFOLD diverged on label-skewed MNIST with momentum 0.9). With
+    adaptive client optimisers (Adam) it is the usual approximation.
 
     Args:
         lr: the server (global) learning rate; 1 replaces the model by the mean.
@@ -162,15 +185,8 @@ class ScaffoldClient(ClientAlgorithm):
             correction = self._correction.get(id(p))
             if correction is None:
                 continue
-            lr = group.get("lr")
-            if not isinstance(lr, int | float):
-                raise AlgorithmError(
-                    f"SCAFFOLD needs each parameter group's learning rate, got lr={lr!r} "
-                    f"from {type(optimizer).__name__}; hint: use an optimizer with an "
-                    "'lr' in its param_groups"
-                )
             p.grad.add_(correction)  # type: ignore[union-attr]
-            self._lr_sum[id(p)] += float(lr)
+            self._lr_sum[id(p)] += effective_lr(group, optimizer)
 
     @override
     def finish_round(self, module: pl.LightningModule) -> Tensors:

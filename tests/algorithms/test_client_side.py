@@ -31,8 +31,11 @@ Term = Callable[[nn.Module], torch.Tensor]
 class Net(L.LightningModule):
     """A small MLP; ``term`` adds a loss term (the reference), ``manual``: two optimisers."""
 
-    def __init__(self, manual: bool = False, term: Term | None = None) -> None:
+    def __init__(
+        self, manual: bool = False, term: Term | None = None, momentum: float = 0.0
+    ) -> None:
         super().__init__()
+        self.momentum = momentum
         torch.manual_seed(0)
         self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
         self.head = nn.Linear(8, 3)
@@ -60,7 +63,7 @@ class Net(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         if self.automatic_optimization:
-            return torch.optim.SGD(self.parameters(), lr=LR)
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=self.momentum)
         return [
             torch.optim.SGD(self.body.parameters(), lr=LR),
             torch.optim.SGD(self.head.parameters(), lr=2 * LR),
@@ -246,3 +249,31 @@ def test_scaffold_refuses_a_round_without_fitting_controls() -> None:
     assert client is not None
     with pytest.raises(AlgorithmError, match=r"server control for 'body\.0\.bias'"):
         client.start_round(ClientRound(1, model, spec_of(model), model.state_dict(), {}))
+
+
+def test_scaffold_counts_momentum_in_the_control_update() -> None:
+    """With heavy-ball momentum m each step moves a parameter lr / (1 - m) per unit of
+    gradient: the control update divides by that, else c_i comes out 10x too large."""
+    momentum = 0.9
+    base = Net()
+    g = torch.Generator().manual_seed(3)
+    c = {f"c/{n}": torch.randn(p.shape, generator=g) * 0.1 for n, p in base.named_parameters()}
+    x = {k: v.clone() for k, v in base.state_dict().items()}
+    ours = Net(momentum=momentum)
+    client = Scaffold().client()
+    assert isinstance(client, ScaffoldClient)
+    client.start_round(ClientRound(1, ours, spec_of(ours), x, c))
+    fit(ours, "32-true", 1, [client])
+    client.finish_round(ours)
+
+    def linear(m: nn.Module) -> torch.Tensor:
+        return sum((c[f"c/{n}"] * p).sum() for n, p in m.named_parameters())  # type: ignore[return-value]
+
+    reference = Net(term=linear, momentum=momentum)
+    fit(reference, "32-true", 1, [])
+    assert_same_weights(ours, reference)  # the correction rides the momentum like a gradient
+    y = ours.state_dict()
+    steps_lr = _steps(1, False) * LR / (1 - momentum)
+    for n in client.c_local:
+        expected = -c[f"c/{n}"] + (x[n] - y[n]) / steps_lr
+        torch.testing.assert_close(client.c_local[n], expected, rtol=1e-4, atol=1e-5)
