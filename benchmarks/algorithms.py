@@ -7,8 +7,9 @@
 1. Accuracy. ``../shared/data/mnist``: 8,000 training images split among 10 clients by
    a Dirichlet(alpha) draw over labels (alpha 0.1 and 0.5), 2,000 held out on the
    aggregator; the seed's ConvNet (SGD lr 0.01, momentum 0.9, batch 128), 5 clients
-   per round, 1 local epoch, ``--rounds`` rounds, each algorithm as a real federation
-   of 11 processes (``lightning-fed simulate``'s machinery), and centralised training
+   per round, 1 local epoch (``--local-epochs``), ``--rounds`` rounds, each algorithm
+   (arguments as listed below, or ``--set LABEL.ARG=VALUE``) as a real federation of
+   11 processes (``lightning-fed simulate``'s machinery), and centralised training
    of the same model on all 8,000 images for as many epochs as rounds, in the same
    script, per seed. Per algorithm and alpha: test accuracy (mean, min, max over
    seeds), gap to centralised, rounds to reach 95% of FedAvg's final accuracy (the
@@ -71,8 +72,31 @@ def _overheads(report: dict[str, Any]) -> list[float]:
     return out
 
 
+def _parse_sets(sets: list[str]) -> dict[str, dict[str, Any]]:
+    """``["FedProx.mu=0.1", ...]`` -> ``{"FedProx": {"mu": 0.1}}`` (values as JSON, else text)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in sets:
+        target, sep, raw = item.partition("=")
+        label, dot, key = target.partition(".")
+        if not (sep and dot and label and key):
+            raise SystemExit(f"--set {item!r}: expected LABEL.ARG=VALUE, e.g. FedProx.mu=0.1")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(label, {})[key] = value
+    return out
+
+
 def federation(
-    work: Path, label: str, path: str, init: dict[str, Any], alpha: float, seed: int, rounds: int
+    work: Path,
+    label: str,
+    path: str,
+    init: dict[str, Any],
+    alpha: float,
+    seed: int,
+    rounds: int,
+    local_epochs: int = 1,
 ) -> dict[str, Any]:
     """One federation; returns its report, or ``{"failed": reason}`` if it failed.
 
@@ -82,7 +106,9 @@ def federation(
     from lightning_fed.simulate import simulate
 
     ex = ROOT / "examples" / "mnist"
-    name = f"{label}-a{alpha}-s{seed}"
+    settings = "".join(f"-{k}{v}" for k, v in sorted(init.items()))
+    epochs = "" if local_epochs == 1 else f"-e{local_epochs}"
+    name = f"{label}{settings}{epochs}-a{alpha}-s{seed}"
     done = work / name / "aggregator" / "fedavg" / "mnist" / "aggregator" / "report.json"
     if done.is_file():
         report = json.loads(done.read_text())
@@ -104,6 +130,7 @@ def federation(
                 "--trainer.strategy.init_args.calculation_timeout=600",
                 "--trainer.strategy.init_args.schedule_timeout=600",
                 f"--data.init_args.num_clients={CLIENTS}",
+                f"--trainer.strategy.init_args.local_epochs={local_epochs}",
                 *_algorithm_args(path, init),
             ],
             client_args=[
@@ -160,7 +187,15 @@ def accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     import torch
 
     torch.set_num_threads(1)
-    chosen = [a for a in ALGORITHMS if not args.algorithms or a[0] in args.algorithms]
+    overrides = _parse_sets(args.set)
+    unknown = set(overrides) - {a[0] for a in ALGORITHMS}
+    if unknown:
+        raise SystemExit(f"--set names unknown algorithm(s) {sorted(unknown)}")
+    chosen = [
+        (label, path, {**init, **overrides.get(label, {})})
+        for label, path, init in ALGORITHMS
+        if not args.algorithms or label in args.algorithms
+    ]
     if chosen[0][0] != "FedAvg":
         chosen.insert(0, ALGORITHMS[0])  # every figure is relative to FedAvg
     central = []
@@ -173,10 +208,13 @@ def accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for alpha in args.alphas:
         runs: dict[str, list[dict[str, Any]]] = {}
+        init_of = {label: init for label, _, init in chosen}
         for label, path, init in chosen:
             for seed in range(args.seeds):
                 started = time.monotonic()
-                report = federation(work, label, path, init, alpha, seed, args.rounds)
+                report = federation(
+                    work, label, path, init, alpha, seed, args.rounds, args.local_epochs
+                )
                 runs.setdefault(label, []).append(report)
                 took = time.monotonic() - started
                 if "failed" in report:
@@ -199,6 +237,7 @@ def accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "algorithm": label,
+                    "args": init_of[label],
                     "alpha": alpha,
                     "seeds": len(reports),
                     "failed": failed,
@@ -235,6 +274,13 @@ def accuracy(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             + (f"  ({len(r['failed'])} seed(s) FAILED)" if r["failed"] else ""),
             flush=True,
         )
+    print(
+        f"local epochs per round: {args.local_epochs}; arguments: "
+        + "; ".join(
+            f"{label} " + (", ".join(f"{k}={v}" for k, v in init.items()) or "defaults")
+            for label, _, init in chosen
+        )
+    )
     for alpha in args.alphas:
         better = [
             r["algorithm"]
@@ -344,6 +390,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5])
     parser.add_argument("--algorithms", nargs="*", help="labels to run (FedAvg always runs)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="LABEL.ARG=VALUE",
+        help="override an algorithm's argument, e.g. --set FedProx.mu=0.1 (repeatable)",
+    )
+    parser.add_argument("--local-epochs", type=int, default=1, help="client epochs per round")
     parser.add_argument("--mb", type=int, default=100, help="model size of the memory part")
     parser.add_argument("--only", choices=["accuracy", "memory"])
     parser.add_argument("--json", type=Path, help="also write the tables here")
