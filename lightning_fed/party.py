@@ -87,11 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("federated_test_metrics", "the clients' test of the global model"),
             ):
                 metrics = (report or {}).get(key) or {}
-                if metrics:
+                if metrics and cli.trainer.is_global_zero:  # once per party, not per rank
                     shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
                     print(f"client {strategy.node_id}: {what}: {shown}", flush=True)
     except LightningFedError as exc:
-        print(f"lightning-fed party {strategy.node_id}: error: {exc}", file=sys.stderr)
+        rank = cli.trainer.global_rank
+        where = f" (rank {rank})" if rank else ""
+        print(f"lightning-fed party {strategy.node_id}{where}: error: {exc}", file=sys.stderr)
         return 1
     return 0
 

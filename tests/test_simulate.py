@@ -268,3 +268,33 @@ def test_simulate_refuses_mixed_or_missing_options(tmp_path: Path) -> None:
     assert (
         missing.returncode == 2 and "takes --aggregator, --client and --clients" in missing.stderr
     )
+
+
+def test_simulate_with_ddp_clients_from_the_cli(tmp_path: Path) -> None:
+    """Each client a LightningCLI party on 2 DDP ranks: Lightning starts rank 1 by running
+    ``python -m lightning_fed.party ...`` again; rank 0 alone talks and logs."""
+    workdir = tmp_path / "run"
+    done = subprocess.run(
+        simulate_command(
+            workdir,
+            "--aggregator-arg=--trainer.strategy.init_args.rounds=2",
+            "--aggregator-arg=--trainer.strategy.init_args.evaluate_on_clients=true",
+            "--client-arg=--trainer.devices=2",
+            "--client-arg=--trainer.accelerator=cpu",
+            "--client-arg=--trainer.strategy.init_args.strategy=ddp",
+            "--threads=1",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out
+    report = json.loads((workdir / "aggregator/fedavg/sim/aggregator/report.json").read_text())
+    assert report["rounds_completed"] == 2
+    for client in ("client-1", "client-2"):  # told once per party, not once per rank
+        said = [line for line in out.splitlines() if line.startswith(f"[{client:10s}] ")]
+        assert sum("federation finished" in line for line in said) == 1, out
+    assert report["final_federated_metrics"], report

@@ -77,9 +77,15 @@ class AggregatorRole:
         config: FedAvgConfig,
         clients: Mapping[str, str] | None = None,
         algorithm: Algorithm | None = None,
+        early: dict[str, list[Message]] | None = None,
     ) -> None:
         self.channel = channel
         self.config = config
+        #: Evaluations that came before their phase was collected (phase -> messages):
+        #: a fast client's test of the final model can arrive while the aggregator still
+        #: collects the others' validation. Pass the same dict to the role that collects
+        #: the test.
+        self.early: dict[str, list[Message]] = {} if early is None else early
         self.algorithm = algorithm if algorithm is not None else FedAvg()
         self.clients: dict[str, str] = dict(clients or {})
         #: Clients that said they stopped with an error (node id -> their reason).
@@ -420,19 +426,23 @@ class AggregatorRole:
         deadline = time.monotonic() + wait
         what = "validation" if phase == "validate" else "test"
         notice = WaitNotice(log, f"aggregator: waiting for the clients' final {what}", deadline)
+        came_early = self.early.pop(phase, [])
         while waiting and (left := deadline - time.monotonic()) > 0:
             notice.what = (
                 f"aggregator: waiting for the final {what} of {', '.join(sorted(waiting))}"
             )
-            try:
-                msg = self.channel.receive(
-                    [P.EVALUATION, P.FAILED], timeout=min(left, notice.slice())
-                )
-            except ChannelTimeoutError:
-                continue
-            except BlobIntegrityError as exc:
-                waiting.discard(exc.sender)
-                continue
+            if came_early:
+                msg = came_early.pop(0)
+            else:
+                try:
+                    msg = self.channel.receive(
+                        [P.EVALUATION, P.FAILED], timeout=min(left, notice.slice())
+                    )
+                except ChannelTimeoutError:
+                    continue
+                except BlobIntegrityError as exc:
+                    waiting.discard(exc.sender)
+                    continue
             if msg.kind == P.FAILED:
                 if self.handle_failed(msg) is not None:
                     waiting.discard(msg.sender)
@@ -442,11 +452,10 @@ class AggregatorRole:
             except P.ProtocolError as exc:
                 log.warning("aggregator: ignored a malformed evaluation: %s", exc)
                 continue
-            if (
-                self.clients.get(msg.sender) != report.instance
-                or msg.sender not in waiting
-                or report.phase != phase
-            ):
+            if report.phase != phase and self.clients.get(msg.sender) == report.instance:
+                self.early.setdefault(report.phase, []).append(msg)  # for its own phase
+                continue
+            if self.clients.get(msg.sender) != report.instance or msg.sender not in waiting:
                 continue
             waiting.discard(msg.sender)
             _, states = split_evaluation(msg.tensors)

@@ -41,7 +41,9 @@ class AggregatorHooks(RoleHooks):
     def __init__(self, party: Party, outcome: Outcome, algorithm: Algorithm) -> None:
         super().__init__(party, outcome)
         self.algorithm = algorithm
-        self.role = AggregatorRole(party.channel, self.config, algorithm=algorithm)
+        self.role = AggregatorRole(
+            self.channel, self.config, algorithm=algorithm, early=outcome.early_evaluations
+        )
         self.history: list[dict[str, Any]] = []
         self.resumed_after = 0
         self._validated: dict[str, float] | None = None

@@ -23,6 +23,7 @@ from lightning_fed.algorithms import (
 from lightning_fed.algorithms.base import AlgorithmError, split_extras, with_extras
 from lightning_fed.fedavg import protocol as P
 from lightning_fed.fedavg.client import ClientRole, Instruction
+from lightning_fed.fedavg.client_link import ClientLink
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.evaluation import Evaluation, validate_now
 from lightning_fed.fedavg.hooks import Outcome, Party, RoleHooks
@@ -33,6 +34,7 @@ from lightning_fed.outputs import (
     scalar_metrics,
     temporary_sibling,
 )
+from lightning_fed.ranks import Ranks
 from lightning_fed.trainer_access import callbacks_of
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,11 @@ class ClientHooks(RoleHooks):
     ``num_samples`` counts every sample trained in the round.
     """
 
-    def __init__(self, party: Party, outcome: Outcome) -> None:
+    def __init__(self, party: Party, outcome: Outcome, ranks: Ranks) -> None:
         super().__init__(party, outcome)
-        self.role = ClientRole(party.channel, self.config)
+        self.ranks = ranks
+        role = ClientRole(party.channel, self.config) if party.channel is not None else None
+        self.role = ClientLink(role, ranks)
         self.algorithm: ClientAlgorithm | None = None
         self._algorithm_key: str | None = None  # the description it was built from
         self._algorithm_name = ""
@@ -91,12 +95,13 @@ class ClientHooks(RoleHooks):
         self.finished = True
         trainer.should_stop = True
         out = self.output_dir
-        save_weights(pl_module.state_dict(), out / "final.safetensors")
-        save_report(instruction.report, out / "report.json")
+        if self.ranks.is_zero:
+            save_weights(pl_module.state_dict(), out / "final.safetensors")
+            save_report(instruction.report, out / "report.json")
         self.outcome.final_report = dict(instruction.report)
         assert self.role.aggregator is not None
         self.outcome.finished_as = (self.role.aggregator, self.role.instance)
-        log.info("client %s: federation finished; final model in %s", self.channel.node_id, out)
+        log.info("client %s: federation finished; final model in %s", self.node_id, out)
         if instruction.evaluate_round is not None:  # the aggregator waits for every answer
             evaluation = self._validate(trainer, instruction.evaluate_round) or Evaluation(
                 instruction.evaluate_round, 0, {}
@@ -111,7 +116,7 @@ class ClientHooks(RoleHooks):
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(evaluation.metrics.items()))
             log.info(
                 "client %s: validated the global model of round %d on %d samples: %s",
-                self.channel.node_id,
+                self.node_id,
                 round,
                 evaluation.samples,
                 shown or "nothing logged",
@@ -164,15 +169,16 @@ class ClientHooks(RoleHooks):
 
     def _end_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Upload this round's tensors, then wait for and follow the next instruction."""
+        self.seen = self.ranks.total(self.seen)  # every rank trained its shard
         if self.seen < 1:
             raise FedAvgError(
-                f"client {self.channel.node_id!r} trained on no samples this round; hint: "
+                f"client {self.node_id!r} trained on no samples this round; hint: "
                 "check its train_dataloader and limit_train_batches"
             )
         metrics = scalar_metrics(trainer.callback_metrics)
         metrics["fit_seconds"] = time.monotonic() - self.fit_started  # local training time
         extras = {} if self.algorithm is None else self.algorithm.finish_round(pl_module)
-        if self.algorithm is not None:
+        if self.algorithm is not None and self.ranks.is_zero:
             self._save_algorithm_state()
         tensors = with_extras(federated_state(pl_module, self.names), extras)
         evaluation, self._evaluation = self._evaluation, None
@@ -185,7 +191,7 @@ class ClientHooks(RoleHooks):
         current = self.role.current
         log.info(
             "client %s: round %s trained on %d samples%s",
-            self.channel.node_id,
+            self.node_id,
             "?" if current is None else current.round,
             self.seen,
             "".join(f", {k}={v:.4g}" for k, v in sorted(metrics.items())),
@@ -216,7 +222,7 @@ class ClientHooks(RoleHooks):
                 callbacks_of(trainer).append(client)
             self.algorithm, self._algorithm_key = client, key
             self._algorithm_name = algorithm.name
-            log.info("client %s: algorithm %r", self.channel.node_id, algorithm)
+            log.info("client %s: algorithm %r", self.node_id, algorithm)
         if self.algorithm is not None:
             self.algorithm.start_round(ClientRound(round, pl_module, self.model, model, extras))
 
@@ -230,9 +236,17 @@ class ClientHooks(RoleHooks):
 
     def _load_algorithm_state(self, client: ClientAlgorithm, name: str) -> None:
         path = self._algorithm_state_path(name)
-        if path.is_file():
-            client.load_state_dict(torch.load(path, weights_only=True))
-            log.info("client %s: restored %s's state from %s", self.channel.node_id, name, path)
+
+        def load() -> dict[str, Any] | None:  # rank 0's file, for every rank
+            if not path.is_file():
+                return None
+            state: dict[str, Any] = torch.load(path, weights_only=True)
+            return state
+
+        state = self.ranks.from_zero(load)
+        if state is not None:
+            client.load_state_dict(state)
+            log.info("client %s: restored %s's state from %s", self.node_id, name, path)
 
     def _save_algorithm_state(self) -> None:
         assert self.algorithm is not None

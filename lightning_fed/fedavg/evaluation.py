@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_fed.ranks import Ranks
 from lightning_fed.trainer_access import callbacks_of, logged_results, validate_inside_fit
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,16 @@ class Capture(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The names logged and the states of the Metric objects among them."""
+        """The names logged and the states of the Metric objects among them.
+
+        In a party of several processes (DDP) every rank saw a shard: the sample count
+        is their sum and each ``Metric``'s state is synchronised (``dist_reduce_fx``)
+        before it is read, so rank 0 holds the whole party's evaluation.
+        """
+        ranks = Ranks(trainer.strategy)
+        if ranks.world_size > 1:
+            self.samples = ranks.total(self.samples)
+            self.ran = self.samples > 0
         module = pl_module
         paths = {id(m): name for name, m in module.named_modules() if isinstance(m, Metric)}
         for result in logged_results(trainer):
@@ -182,16 +192,10 @@ class Capture(Callback):
             metric = result.value
             if result.is_tensor or not isinstance(metric, Metric) or id(metric) not in paths:
                 continue
-            tensors, lists = {}, []
-            for attr, value in metric.metric_state.items():
-                if isinstance(value, list):
-                    lists.append(attr)
-                    value = (
-                        torch.cat([v.reshape(-1, *v.shape[1:]) for v in value])
-                        if value
-                        else torch.zeros(0)
-                    )
-                tensors[attr] = value.detach().clone().cpu()
+            # Syncing concatenates a list state into one tensor: note which were lists first.
+            lists = [a for a, v in metric.metric_state.items() if isinstance(v, list)]
+            with metric.sync_context(should_sync=ranks.world_size > 1, should_unsync=True):
+                tensors = _state_tensors(metric)
             states = MetricState(paths[id(metric)], type(metric).__qualname__, tensors, lists)
             self.states[name] = states
 
@@ -211,6 +215,18 @@ class Capture(Callback):
             ):
                 metrics[name] = float(value)
         return Evaluation(self.round, self.samples, metrics, self.states)
+
+
+def _state_tensors(metric: Metric) -> dict[str, torch.Tensor]:
+    """A metric's state as tensors on the CPU (a list state concatenated)."""
+    tensors = {}
+    for attr, value in metric.metric_state.items():
+        if isinstance(value, list):
+            value = (
+                torch.cat([v.reshape(-1, *v.shape[1:]) for v in value]) if value else torch.zeros(0)
+            )
+        tensors[attr] = value.detach().clone().cpu()
+    return tensors
 
 
 def validate_now(trainer: pl.Trainer, round: int) -> Evaluation | None:

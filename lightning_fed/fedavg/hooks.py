@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_fed.algorithms import ModelSpec
 from lightning_fed.algorithms.aggregate import TensorSpec
 from lightning_fed.algorithms.base import EXTRA
-from lightning_fed.channel import Channel
+from lightning_fed.channel import Channel, Message
 from lightning_fed.fedavg.config import FedAvgConfig
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.selection import federated_names
@@ -42,14 +42,21 @@ class Outcome:
     finished_as: tuple[str, str] | None = None
     test_report_due: dict[str, str] | None = field(default=None)
     test_sent: bool = False  # client: its test of the final model went to the aggregator
+    #: aggregator: clients' evaluations that came before their phase was collected
+    early_evaluations: dict[str, list[Message]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Party:
-    """Where a party's hooks work: its settings, channel and folders."""
+    """Where a party's hooks work: its settings, channel and folders.
+
+    ``channel`` is None on the ranks of a multi-process party other than global rank 0:
+    only rank 0 talks to the other parties.
+    """
 
     config: FedAvgConfig
-    channel: Channel
+    node_id: str
+    channel: Channel | None
     output_dir: Path
     state_dir: Path
 
@@ -60,12 +67,19 @@ class RoleHooks(Callback):
     def __init__(self, party: Party, outcome: Outcome) -> None:
         self.party = party
         self.config = party.config
-        self.channel = party.channel
+        self.node_id = party.node_id
         self.output_dir = party.output_dir
         self.outcome = outcome
         self.names: list[str] = []
         self.expected: dict[str, TensorSpec] = {}
         self.model = ModelSpec({}, frozenset())
+
+    @property
+    def channel(self) -> Channel:
+        """The party's channel (global rank 0 only)."""
+        if self.party.channel is None:
+            raise FedAvgError(f"{self.node_id}: only global rank 0 talks to the channel")
+        return self.party.channel
 
     def _describe_model(self, module: pl.LightningModule) -> None:
         state = module.state_dict()

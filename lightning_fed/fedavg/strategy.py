@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -26,6 +26,7 @@ from typing_extensions import override
 from lightning_fed.algorithms import Algorithm, FedAvg
 from lightning_fed.channel import Channel, ChannelError
 from lightning_fed.errors import SettingError
+from lightning_fed.fedavg import protocol as P
 from lightning_fed.fedavg.aggregator import AggregatorRole
 from lightning_fed.fedavg.aggregator_hooks import AggregatorHooks
 from lightning_fed.fedavg.client import ClientRole
@@ -37,6 +38,15 @@ from lightning_fed.fedavg.hooks import Outcome, Party
 from lightning_fed.fedavg.progress import RoundProgressBar
 from lightning_fed.node import Endpoint, NodeBusyError, Presence
 from lightning_fed.outputs import save_report, scalar_metrics
+from lightning_fed.ranks import (
+    PEER_REASON_WAIT,
+    Ranks,
+    broke_collective,
+    clear_reasons,
+    leave_reason,
+    peer_reason,
+    quiet_unless_zero,
+)
 from lightning_fed.trainer_access import callbacks_of
 from lightning_fed.validation import positive_int
 
@@ -53,7 +63,7 @@ class _RoundTicks:
         return 1
 
 
-class FedAvgStrategy(SingleDeviceStrategy):
+class FedAvgStrategy(Strategy):
     """Federated averaging (McMahan et al., 2017) as a Lightning strategy, for both roles.
 
     Every party runs the same LightningModule::
@@ -66,6 +76,14 @@ class FedAvgStrategy(SingleDeviceStrategy):
                                                     role="aggregator", rounds=5))
         trainer.fit(model, datamodule=holdout)
         trainer.test(model, datamodule=holdout)
+        # a client that trains on two devices (DDP; here two CPU processes over gloo)
+        trainer = L.Trainer(devices=2, accelerator="cpu", strategy=FedAvgStrategy(
+            url, task_id="t", node_id="b", role="client", strategy="ddp"))
+
+    ``FedAvgStrategy(...)`` becomes the subclass for ``strategy``
+    (:class:`~lightning_fed.fedavg.engines.FedAvgSingleDevice` or
+    :class:`~lightning_fed.fedavg.engines.FedAvgDDP`), which Lightning treats as its own
+    single-device or DDP strategy.
 
     Args:
         channel: the shared storage URL (local folder, ``file://``, ``s3://``, ...) or a
@@ -115,9 +133,21 @@ class FedAvgStrategy(SingleDeviceStrategy):
             ``federated/<name>`` with the validated round as the step. Logged
             torchmetrics ``Metric`` objects are merged exactly; plain floats are
             averaged by validation samples (see docs/algorithms.md).
+        strategy: how this party trains inside: None (one device, the default) or
+            ``"ddp"`` (one process per device of ``Trainer(devices=N)``; only global
+            rank 0 talks to the other parties, see docs/scaling.md). Clients only.
+        strategy_options: keyword arguments of Lightning's strategy for ``strategy``
+            (e.g. ``{"find_unused_parameters": True}`` for DDP).
     """
 
     strategy_name = "fedavg"
+
+    @classmethod
+    def _engine_kwargs(
+        cls, options: Mapping[str, Any], config: FedAvgConfig
+    ) -> dict[str, Any]:  # pragma: no cover - every engine overrides it
+        """The keyword arguments of the Lightning strategy this engine extends."""
+        raise NotImplementedError
 
     def __init__(
         self,
@@ -149,10 +179,10 @@ class FedAvgStrategy(SingleDeviceStrategy):
         max_model_bytes: int = 32 << 30,
         algorithm: Algorithm | None = None,
         evaluate_on_clients: bool = False,
+        strategy: str | None = None,
+        strategy_options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(device="cpu")
-        self.parallel_devices: list[torch.device] | None = None  # set by the Trainer
-        self.config = FedAvgConfig(
+        config = FedAvgConfig(
             role=resolve_role(role, is_initiator),
             clients=clients,
             rounds=rounds,
@@ -171,6 +201,19 @@ class FedAvgStrategy(SingleDeviceStrategy):
             output_dir=output_dir,
             evaluate_on_clients=evaluate_on_clients,
         )
+        if strategy is not None and config.role == "aggregator":
+            raise SettingError(
+                f"strategy={strategy!r} is set on the aggregator, which runs in one process "
+                "for now; hint: leave strategy out on the aggregator (its clients can train "
+                "with strategy='ddp')"
+            )
+        if type(self) is FedAvgStrategy:  # become the engine for ``strategy``
+            from lightning_fed.fedavg.engines import engine_class
+
+            self.__class__ = engine_class(strategy)
+        super().__init__(**self._engine_kwargs(dict(strategy_options or {}), config))
+        self.config = config
+        self.engine = strategy
         self.endpoint = Endpoint.resolve(
             channel,
             task_id,
@@ -189,6 +232,9 @@ class FedAvgStrategy(SingleDeviceStrategy):
         self._test_capture: Capture | None = None  # client: its test of the final model
         self._hooks: AggregatorHooks | ClientHooks | None = None
         self._trainer: pl.Trainer | None = None
+        self._ranks: Ranks | None = None
+        self._state_dir: Path | None = None
+        self._failure_reported = False
 
     def _check_algorithm(self, algorithm: Algorithm | None) -> Algorithm:
         if algorithm is not None and not isinstance(algorithm, Algorithm):
@@ -222,11 +268,6 @@ class FedAvgStrategy(SingleDeviceStrategy):
         """``"client"`` or ``"aggregator"``."""
         return self.config.role
 
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        return self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
-
     def _party_dir(self, trainer: pl.Trainer) -> Path:
         return Path(trainer.default_root_dir) / "fedavg" / self.task_id / self.node_id
 
@@ -240,15 +281,6 @@ class FedAvgStrategy(SingleDeviceStrategy):
 
     # -- Lightning hooks ----------------------------------------------------------------
     @override
-    def setup_environment(self) -> None:
-        if self.parallel_devices and len(self.parallel_devices) > 1:
-            raise FedAvgError(
-                f"FedAvgStrategy trains each party on one device, got "
-                f"{len(self.parallel_devices)} devices; hint: Trainer(devices=1)"
-            )
-        super().setup_environment()
-
-    @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.TESTING and self._federated_test_due():
@@ -256,17 +288,22 @@ class FedAvgStrategy(SingleDeviceStrategy):
             callbacks_of(trainer).append(self._test_capture)
         if trainer.state.fn != TrainerFn.FITTING:
             return  # validate/test/predict run locally on the model as it is
-        channel = self._open_channel(trainer)
-        self._claim_node(channel)
+        ranks = self._ranks = Ranks(self)
+        quiet_unless_zero(ranks.rank)
+        self._state_dir = self.state_dir(trainer)
+        ranks.from_zero(lambda: self._connect(trainer, ranks.world_size))
+        channel = self._channel  # rank 0's; None on the other ranks
         module = self.lightning_module
         assert module is not None
-        party = Party(self.config, channel, self.output_dir(trainer), self.state_dir(trainer))
+        party = Party(
+            self.config, self.node_id, channel, self.output_dir(trainer), self.state_dir(trainer)
+        )
         hooks: AggregatorHooks | ClientHooks
         if self.role == "aggregator":
             hooks = AggregatorHooks(party, self._outcome, self.algorithm)
             self._setup_aggregator_loop(trainer)
         else:
-            hooks = ClientHooks(party, self._outcome)
+            hooks = ClientHooks(party, self._outcome, ranks)
             trainer.fit_loop.max_epochs = -1  # the aggregator's schedule decides
             trainer.fit_loop.min_epochs = 0
         self._hooks = hooks
@@ -290,6 +327,11 @@ class FedAvgStrategy(SingleDeviceStrategy):
                 bar = RoundProgressBar(self.config.rounds, refresh_rate=cb.refresh_rate, leave=True)
                 bar.setup(trainer, self.lightning_module, "fit")  # type: ignore[arg-type]  # callbacks' setup already ran
                 callbacks_of(trainer)[i] = bar
+
+    def _connect(self, trainer: pl.Trainer, world_size: int) -> None:
+        """Rank 0: open the channel and claim the node."""
+        self._claim_node(self._open_channel(trainer))
+        clear_reasons(self.state_dir(trainer), world_size)
 
     def _claim_node(self, channel: Channel) -> None:
         """Make sure no other live process runs this node id (see :class:`Presence`)."""
@@ -367,22 +409,45 @@ class FedAvgStrategy(SingleDeviceStrategy):
         """A party that fails tells the others at once, with the reason.
 
         A client sends the aggregator ``failed``; an aggregator aborts its clients (its
-        hooks do, once the rounds began) and refuses the check-ins waiting for it.
+        hooks do, once the rounds began) and refuses the check-ins waiting for it. In a
+        party of several processes a rank other than 0 leaves its reason for rank 0,
+        which sends it (see :mod:`lightning_fed.ranks`).
         """
         super().on_exception(exception)
+        reason = f"{type(exception).__name__}: {exception}".strip()
+        state_dir = self._current_state_dir()
+        if Ranks(self).rank != 0:
+            if state_dir is not None:
+                leave_reason(state_dir, Ranks(self).rank, reason)
+            return
         if self.role == "aggregator":
             self._refuse_waiting_clients(exception)
             return
         if isinstance(exception, FederationAbortedError | SupersededError | NodeBusyError):
             return  # the aggregator knows already, or another process serves this node
-        reason = f"{type(exception).__name__}: {exception}".strip()
+        if Ranks(self).world_size > 1 and state_dir is not None:
+            wait = PEER_REASON_WAIT if broke_collective(exception) else 0.0
+            reason = peer_reason(state_dir, Ranks(self).world_size, wait) or reason
+        self.report_client_failure(reason, channel_failed=isinstance(exception, ChannelError))
+
+    def report_client_failure(self, reason: str, channel_failed: bool = False) -> None:
+        """Client, global rank 0: tell the aggregator that this client stopped, once.
+
+        Never raises: a failure to tell must not hide the failure itself.
+        """
+        if self._failure_reported:
+            return
+        self._failure_reported = True
         try:
             hooks, channel = self._hooks, self._channel
-            if isinstance(hooks, ClientHooks):
-                hooks.role.report_failure(reason)
+            if isinstance(hooks, ClientHooks) and hooks.role.aggregator is not None:
+                with self.endpoint.make_channel(max_blob_bytes=self.max_model_bytes) as fresh:
+                    role = ClientRole(fresh, self.config)  # the failing process's instance
+                    role.aggregator, role.instance = hooks.role.aggregator, hooks.role.instance
+                    role.report_failure(reason)
             elif channel is not None:
                 ClientRole(channel, self.config).report_failure(reason)
-            elif isinstance(exception, ChannelError):
+            elif channel_failed:
                 return  # the storage or the keys failed: there is no way to tell anyone
             else:  # failed before the channel opened (its data, its model's setup)
                 with self.endpoint.make_channel(max_blob_bytes=self.max_model_bytes) as early:
@@ -391,6 +456,13 @@ class FedAvgStrategy(SingleDeviceStrategy):
             log.warning("client %s: could not tell the aggregator: %s", self.node_id, exc)
         else:
             log.info("client %s: told the aggregator that this client stopped", self.node_id)
+
+    def _current_state_dir(self) -> Path | None:
+        if self._state_dir is not None:
+            return self._state_dir
+        module = self.lightning_module
+        trainer = None if module is None else module._trainer
+        return None if trainer is None else self.state_dir(trainer)
 
     def _refuse_waiting_clients(self, exception: BaseException) -> None:
         """An aggregator that failed before its rounds began answers the waiting check-ins."""
@@ -423,15 +495,19 @@ class FedAvgStrategy(SingleDeviceStrategy):
     def _send_test(self, trainer: pl.Trainer, evaluation: Evaluation) -> None:
         finished = self._outcome.finished_as
         assert finished is not None
-        body, states = evaluation.encode()
-        channel = self._open_channel(trainer)
-        try:
-            role = ClientRole(channel, self.config)
-            role.aggregator, role.instance = finished
-            role.send_evaluation(body, states, "test")
-        finally:
-            channel.close()
-            self._channel = None
+
+        def send() -> None:  # rank 0
+            body, states = evaluation.encode()
+            channel = self._open_channel(trainer)
+            try:
+                role = ClientRole(channel, self.config)
+                role.aggregator, role.instance = finished
+                role.send_evaluation(body, states, "test")
+            finally:
+                channel.close()
+                self._channel = None
+
+        Ranks(self).from_zero(send)
         self._outcome.test_sent = True
         log.info(
             "client %s: sent its test of the final model (%d samples) to the aggregator",
@@ -478,7 +554,9 @@ class FedAvgStrategy(SingleDeviceStrategy):
         rounds = self._final_round()
         channel = self._open_channel(trainer)
         try:
-            role = AggregatorRole(channel, self.config, clients)
+            role = AggregatorRole(
+                channel, self.config, clients, early=self._outcome.early_evaluations
+            )
             evaluations = role.collect_evaluations(rounds, "test", timeout)
         finally:
             channel.close()
@@ -530,19 +608,24 @@ class FedAvgStrategy(SingleDeviceStrategy):
         if not known.get("test_expected", False):
             return None
         wait = self.config.schedule_timeout if timeout is None else timeout
-        channel = self._open_channel(trainer)
-        try:
-            role = ClientRole(channel, self.config)
-            role.aggregator, role.instance = finished
-            got = role.receive_report(wait)
-        finally:
-            channel.close()
-            self._channel = None
+
+        def receive() -> P.Report | None:  # rank 0
+            channel = self._open_channel(trainer)
+            try:
+                role = ClientRole(channel, self.config)
+                role.aggregator, role.instance = finished
+                return role.receive_report(wait)
+            finally:
+                channel.close()
+                self._channel = None
+
+        got = Ranks(self).from_zero(receive)
         if got is None:
             log.info("client %s: no test metrics from the aggregator in %g s", self.node_id, wait)
             return None
         report = {**known, **got.report, "test_metrics": got.test_metrics}
-        save_report(report, self.output_dir(trainer) / "report.json")
+        if Ranks(self).rank == 0:
+            save_report(report, self.output_dir(trainer) / "report.json")
         self._outcome.final_report = report
         return report
 
@@ -566,3 +649,10 @@ class FedAvgStrategy(SingleDeviceStrategy):
             self._channel.close()
             self._channel = None
         super().teardown()
+
+
+# ``FedAvgStrategy(...)`` becomes an engine subclass (lightning_fed.fedavg.engines), whose
+# Lightning strategy implements Strategy's abstract methods. Saying that the class itself
+# is concrete lets LightningCLI (jsonargparse) accept ``class_path:
+# lightning_fed.FedAvgStrategy``, which it refuses for abstract classes.
+FedAvgStrategy.__abstractmethods__ = frozenset()

@@ -191,6 +191,17 @@ class HeteroNNStrategy(SingleDeviceStrategy):
     def root_device(self) -> torch.device:
         return self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
 
+    @override
+    def setup_environment(self) -> None:
+        if self.parallel_devices and len(self.parallel_devices) > 1:
+            raise HeteroError(
+                f"a HeteroNN party runs in one process on one device, got "
+                f"{len(self.parallel_devices)} devices: every batch is one exchange with the "
+                "other parties, which DDP's ranks would each repeat; hint: Trainer(devices=1) "
+                "(a bigger batch_size uses a bigger device)"
+            )
+        super().setup_environment()
+
     def _open_channel(self) -> Channel:
         if self._channel is None:
             self._channel = self.endpoint.make_channel().connect()

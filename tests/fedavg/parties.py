@@ -7,6 +7,7 @@ one that dies in a given round, one that is slow, one that sends NaN weights.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -24,7 +25,7 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 FEATURES = 6
 CTX = mp.get_context("spawn")
@@ -67,6 +68,11 @@ class TinyNet(L.LightningModule):
         # The round this epoch trains for (one local epoch per round in these tests).
         round = self.epochs_done + 1
         if self.opts.get("die_in_round") == round:
+            os.kill(os.getpid(), signal.SIGKILL)
+        fail = self.opts.get("raise_on_rank")  # (round, rank): that DDP rank fails
+        if fail is not None and fail == [round, self.global_rank]:
+            raise RuntimeError(f"rank {self.global_rank} ran out of memory in round {round}")
+        if self.opts.get("die_on_rank") == [round, self.global_rank]:  # killed, no word
             os.kill(os.getpid(), signal.SIGKILL)
         hold = self.opts.get("hold_in_round")  # (round, path): wait until the test says go
         if hold is not None and hold[0] == round:
@@ -134,7 +140,8 @@ class MetricNet(TinyNet):
         scores = self(x).softmax(dim=1)[:, 1]
         self.test_auroc(scores, y)
         self.log("test_auroc", self.test_auroc)
-        self.log("test_acc", ((scores > 0.5).long() == y).float().mean())  # a plain float
+        accuracy = ((scores > 0.5).long() == y).float().mean()
+        self.log("test_acc", accuracy, sync_dist=True)  # a plain float (a mean over DDP ranks)
 
     def on_validation_epoch_end(self) -> None:
         from torchmetrics.functional.classification import binary_auroc
@@ -225,7 +232,9 @@ def run_party(
         return
     data_seed, n = party.get("data_seed", 0), party.get("n", 64)
     batch = party.get("batch_size", 16)
-    data = dataset(data_seed, n)
+    data: Any = dataset(data_seed, n)
+    if party.get("strided_ranks"):  # rank r of w takes samples r, r + w, ... in order
+        data = Subset(data, range(trainer.global_rank, n, trainer.world_size))
     try:
         if role == "aggregator" and party.get("no_data"):
             trainer.fit(model)  # no datamodule, no loaders: the clients evaluate
@@ -282,6 +291,45 @@ def run_plain(root: str, epochs: int, party: dict[str, Any]) -> None:
     )
 
 
+class _Script:
+    """A party run as its own script (``python parties.py ARGS``), as DDP needs.
+
+    Lightning starts a DDP party's other ranks by running the same command again; a
+    process made by ``multiprocessing`` has no command to run again.
+    """
+
+    def __init__(self, args: list[Any]) -> None:
+        import subprocess
+
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), json.dumps(args)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(Path(args[0]) / f"{args[1]}.stderr", "w"),  # noqa: SIM115
+        )
+
+    def join(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.proc.poll()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
 class Federation:
     """Starts parties as processes in one folder and reads what they leave behind."""
 
@@ -301,7 +349,12 @@ class Federation:
         party: dict[str, Any] | None = None,
         key: str | None = None,
     ) -> Any:
-        p = CTX.Process(target=run_party, args=(str(self.root), node, role, strategy, party or {}))
+        args = (str(self.root), node, role, strategy, party or {})
+        if strategy.get("strategy") == "ddp":  # its ranks are started as scripts
+            script = _Script(list(args))
+            self.procs[key or node] = script
+            return script
+        p = CTX.Process(target=run_party, args=args)
         p.start()
         self.procs[key or node] = p
         return p
@@ -358,8 +411,10 @@ def federations(tmp_path: Path) -> Iterator[Any]:
     """Yields ``make(*clients)`` -> :class:`Federation`; kills what is left at the end."""
     made: list[Federation] = []
 
-    def make(*clients: str) -> Federation:
-        f = Federation(tmp_path, list(clients))
+    def make(*clients: str, folder: str | None = None) -> Federation:
+        root = tmp_path if folder is None else tmp_path / folder
+        root.mkdir(parents=True, exist_ok=True)
+        f = Federation(root, list(clients))
         made.append(f)
         return f
 
@@ -368,3 +423,7 @@ def federations(tmp_path: Path) -> Iterator[Any]:
         for p in f.procs.values():
             if p.is_alive():
                 p.kill()
+
+
+if __name__ == "__main__":  # a party as a script (DDP): python parties.py '[root, node, ...]'
+    run_party(*json.loads(sys.argv[1]))

@@ -347,3 +347,46 @@ def test_a_client_takes_only_the_report_naming_its_own_process(tmp_path):
     assert got is not None and got.test_metrics == {"test_acc": 0.9}
     report("an-earlier-process", 0.1)
     assert client.receive_report(timeout=0.3) is None  # nothing for this process: None
+
+
+def test_a_test_that_comes_while_the_validation_is_collected_waits_for_its_turn(tmp_path):
+    """A fast client's test of the final model can reach the aggregator while it still
+    collects the others' validation: it is kept for the test's collection, not lost."""
+    from lightning_fed.channel import Channel, NodeIdentity, TaskConfig
+    from lightning_fed.fedavg.aggregator import AggregatorRole
+    from lightning_fed.fedavg.client import ClientRole
+    from lightning_fed.fedavg.evaluation import Evaluation
+
+    ids = {n: NodeIdentity.generate(n) for n in ("agg", "c1", "c2")}
+    task = TaskConfig("t", {n: i.public_key_text for n, i in ids.items()})
+    url = str(tmp_path / "channel")
+    clients = {}
+    for node in ("c1", "c2"):
+        role = ClientRole(Channel(url, task, ids[node]).connect(), FedAvgConfig(role="client"))
+        role.aggregator = "agg"
+        clients[node] = role
+    instances = {n: r.instance for n, r in clients.items()}
+
+    def send(node, phase, acc):
+        body, states = Evaluation(3, 10, {f"{phase}_acc": acc}).encode()
+        clients[node].send_evaluation(body, states, phase)
+
+    send("c1", "validate", 0.5)
+    send("c1", "test", 0.7)  # c1 is fast: its test comes before c2's validation
+    send("c2", "validate", 0.6)
+    config = FedAvgConfig(role="aggregator", calculation_timeout=10)
+    channel = Channel(url, task, ids["agg"]).connect()
+    early: dict[str, list] = {}
+    validating = AggregatorRole(channel, config, instances, early=early)
+    validated = validating.collect_evaluations(3, "validate", timeout=10)
+    assert {n: e.metrics for n, e in validated.items()} == {
+        "c1": {"validate_acc": 0.5},
+        "c2": {"validate_acc": 0.6},
+    }
+    send("c2", "test", 0.8)
+    testing = AggregatorRole(channel, config, instances, early=early)  # after trainer.test
+    tested = testing.collect_evaluations(3, "test", timeout=10)
+    assert {n: e.metrics for n, e in tested.items()} == {
+        "c1": {"test_acc": 0.7},
+        "c2": {"test_acc": 0.8},
+    }
