@@ -75,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if merged is not None:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(merged.items()))
                 print(f"aggregator: the clients' test of the final model: {shown}", flush=True)
+        elif strategy.left is not None and cli.trainer.is_global_zero:
+            print(f"client {strategy.node_id}: left the federation: {strategy.left}", flush=True)
         elif finished and strategy.final_report is not None:
             if strategy.final_report.get("federated_test_expected"):
                 if can_test(cli.model, cli.datamodule):  # the aggregator merges the clients'

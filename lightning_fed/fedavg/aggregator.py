@@ -90,6 +90,8 @@ class AggregatorRole:
         self.clients: dict[str, str] = dict(clients or {})
         #: Clients that said they stopped with an error (node id -> their reason).
         self.failed: dict[str, str] = {}
+        #: Those of them that left of their own accord (their Trainer stopped).
+        self.left: set[str] = set()
         self.expected_clients = config.clients or len(channel.peers)
         if config.min_clients > len(channel.peers):
             raise FedAvgError(
@@ -143,6 +145,10 @@ class AggregatorRole:
             return None
         self.clients.pop(msg.sender, None)
         self.failed[msg.sender] = failed.reason
+        if failed.left:
+            self.left.add(msg.sender)
+            log.info("aggregator: client %s left the federation: %s", msg.sender, failed.reason)
+            return failed.reason
         log.warning(
             "aggregator: client %s stopped with an error and leaves the federation: %s",
             msg.sender,
@@ -250,6 +256,7 @@ class AggregatorRole:
             cfg.local_steps,
             algorithm.describe(),
             cfg.evaluate_on_clients,
+            cfg.optimizer_state,
         )
         tensors = with_extras(global_state, algorithm.round_tensors())
         self.channel.send(P.ROUND, P.body_of(body), to=chosen, round=round, tensors=tensors)
@@ -295,7 +302,8 @@ class AggregatorRole:
             if msg.kind == P.FAILED:
                 reason = self.handle_failed(msg)
                 if reason is not None and msg.sender in waiting:
-                    rejected[msg.sender] = f"it stopped with an error: {reason}"
+                    how = "it left" if msg.sender in self.left else "it stopped with an error"
+                    rejected[msg.sender] = f"{how}: {reason}"
                     waiting.discard(msg.sender)
                 continue
             problem, update = self._judge(msg, round, attempt, waiting, expected)

@@ -312,13 +312,14 @@ class ClientRole:
             log.info("client %s: dropped a report of an earlier federation", self.channel.node_id)
         return None
 
-    def report_failure(self, reason: str) -> None:
+    def report_failure(self, reason: str, left: bool = False) -> None:
         """Tell the aggregator (every peer while it is unknown) that this process stopped.
 
         The aggregator drops this client at once instead of waiting for its update
-        until ``calculation_timeout``.
+        until ``calculation_timeout``. ``left``: it stopped of its own accord, not by
+        an error.
         """
-        body = P.body_of(P.Failed(self.instance, reason[:4000]))
+        body = P.body_of(P.Failed(self.instance, reason[:4000], left))
         self.channel.send(P.FAILED, body, to=self.aggregator)
 
     def upload(

@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
@@ -40,8 +41,21 @@ from lightning_fed.trainer_access import callbacks_of
 log = logging.getLogger(__name__)
 
 
-class ClientHooks(RoleHooks):
+def reset_optimizers(trainer: pl.Trainer) -> None:
+    """Clear every optimizer's per-parameter state (momentum, moments, step counts); its
+    hyperparameters and learning rate (a scheduler's business) stay."""
+    for optimizer in trainer.optimizers:
+        optimizer.state.clear()
+
+
+class ClientHooks(RoleHooks, Checkpoint):
     """A client's side: check in, train each round's epochs or steps, upload, follow.
+
+    It is a :class:`~lightning.pytorch.callbacks.Checkpoint` only so that Lightning
+    calls its ``on_train_epoch_end`` last, after the module's own and after the
+    monitoring callbacks (``EarlyStopping``, ``ModelCheckpoint``): the round ends with
+    everything the epoch logged, checkpointed and decided (a stop included). It saves
+    nothing and is removed when ``fit`` ends.
 
     In epochs mode the round ends at the end of its last local epoch, and
     ``num_samples`` is the number of samples of that epoch (the local dataset's size).
@@ -84,6 +98,8 @@ class ClientHooks(RoleHooks):
             self._evaluation = (
                 self._validate(trainer, instruction.round - 1) if start.evaluate else None
             )
+            if start.optimizer_state == "reset":
+                reset_optimizers(trainer)
             self._start_algorithm(trainer, pl_module, start, instruction.round, model, extras)
             self.epochs_left = start.local_epochs
             self.steps_until = (
@@ -189,14 +205,36 @@ class ClientHooks(RoleHooks):
         self.role.upload(tensors, self.seen, metrics, body)
         del tensors, extras
         current = self.role.current
+        round = "?" if current is None else current.round
         log.info(
             "client %s: round %s trained on %d samples%s",
             self.node_id,
-            "?" if current is None else current.round,
+            round,
             self.seen,
             "".join(f", {k}={v:.4g}" for k, v in sorted(metrics.items())),
         )
+        if self.ranks.from_zero(lambda: bool(trainer.should_stop)):
+            self._leave(round, self._stopped_by(trainer))
+            return
         self._follow(trainer, pl_module, self.role.next_instruction())
+
+    @staticmethod
+    def _stopped_by(trainer: pl.Trainer) -> str:
+        """Which callback stopped the Trainer, as best Lightning tells."""
+        for callback in callbacks_of(trainer):
+            message = getattr(callback, "stopping_reason_message", None)
+            if isinstance(callback, EarlyStopping) and message:
+                return f"EarlyStopping: {message}"
+        return "should_stop, set by a callback or the Trainer"
+
+    def _leave(self, round: object, why: str) -> None:
+        """This client's Trainer stopped (EarlyStopping, max_time...): it leaves the
+        federation after the round it just sent, and tells the aggregator at once."""
+        reason = f"its Trainer stopped after round {round} ({why}); that round's update was sent"
+        self.finished = True
+        self.outcome.left = reason
+        self.role.report_failure(reason, left=True)
+        log.info("client %s: left the federation: %s", self.node_id, reason)
 
     # -- the algorithm's client side ------------------------------------------------------
     def _start_algorithm(

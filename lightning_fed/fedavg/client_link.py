@@ -89,7 +89,7 @@ class ClientLink:
         """The aggregator's report of its final test, on every rank."""
         return self.ranks.from_zero(lambda: self.role.receive_report(timeout))
 
-    def report_failure(self, reason: str) -> None:
+    def report_failure(self, reason: str, left: bool = False) -> None:
         """Rank 0 tells the aggregator that this client stopped (not a collective)."""
         if self._role is not None:
-            self._role.report_failure(reason)
+            self._role.report_failure(reason, left)

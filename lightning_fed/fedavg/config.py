@@ -33,6 +33,10 @@ def resolve_role(role: str | None, is_initiator: bool | None) -> Role:
     return role if role is not None else from_flag  # type: ignore[return-value]
 
 
+#: What a client does with its optimizers' state at a round's start.
+OPTIMIZER_STATES = ("keep", "reset")
+
+
 @dataclass(frozen=True)
 class FedAvgConfig:
     """Every FedAvg knob (see :class:`~lightning_fed.FedAvgStrategy` for the meanings)."""
@@ -54,6 +58,7 @@ class FedAvgConfig:
     state_dir: str | os.PathLike[str] | None = None
     output_dir: str | os.PathLike[str] | None = None
     evaluate_on_clients: bool = False
+    optimizer_state: str = "keep"
 
     def __post_init__(self) -> None:
         if self.clients is not None:
@@ -69,6 +74,12 @@ class FedAvgConfig:
         if self.local_steps is not None:
             positive_int("local_steps", self.local_steps)
         positive_int("min_clients", self.min_clients)
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise SettingError(
+                f"optimizer_state must be one of {', '.join(map(repr, OPTIMIZER_STATES))}, got "
+                f"{self.optimizer_state!r}; hint: 'keep' carries the clients' optimizer state "
+                "(momentum, Adam moments) across rounds, 'reset' starts each round afresh"
+            )
         positive_int("log_rounds", self.log_rounds)
         if self.clients is not None and self.min_clients > self.clients:
             raise SettingError(

@@ -42,6 +42,7 @@ class Outcome:
     finished_as: tuple[str, str] | None = None
     test_report_due: dict[str, str] | None = field(default=None)
     test_sent: bool = False  # client: its test of the final model went to the aggregator
+    left: str | None = None  # client: why it left the federation before the finish
     #: aggregator: clients' evaluations that came before their phase was collected
     early_evaluations: dict[str, list[Message]] = field(default_factory=dict)
 

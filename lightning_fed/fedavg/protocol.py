@@ -125,6 +125,7 @@ class RoundStart:
     local_steps: int | None = None
     algorithm: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ALGORITHM))
     evaluate: bool = False  # validate the received global model before training
+    optimizer_state: str = "keep"  # or "reset": clear the optimizers' state first
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], sender: str) -> RoundStart:
@@ -151,8 +152,13 @@ class RoundStart:
         evaluate = body.get("evaluate", False)
         if not isinstance(evaluate, bool):
             raise ProtocolError(f"{what}: evaluate must be a boolean, got {evaluate!r}")
+        optimizer_state = body.get("optimizer_state", "keep")
+        if optimizer_state not in ("keep", "reset"):
+            raise ProtocolError(
+                f"{what}: optimizer_state must be 'keep' or 'reset', got {optimizer_state!r}"
+            )
         attempt = _field(body, "attempt", str, what)
-        return cls(attempt, epochs, dict(instances), steps, algorithm, evaluate)
+        return cls(attempt, epochs, dict(instances), steps, algorithm, evaluate, optimizer_state)
 
 
 def _instances(body: Mapping[str, Any], what: str) -> dict[str, str]:
@@ -196,15 +202,21 @@ class Report:
 
 @dataclass(frozen=True)
 class Failed:
-    """A client's last word: it stopped with an error (the aggregator goes on without it)."""
+    """A client's last word: it stopped with an error, or ``left`` of its own accord (its
+    Trainer stopped, e.g. by ``EarlyStopping``); the aggregator goes on without it."""
 
     instance: str
     reason: str
+    left: bool = False
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], sender: str) -> Failed:
         what = f"failed from {sender!r}"
-        return cls(_field(body, "instance", str, what), _field(body, "reason", str, what)[:4000])
+        left = body.get("left", False)
+        if not isinstance(left, bool):
+            raise ProtocolError(f"{what}: left must be a boolean, got {left!r}")
+        instance, reason = _field(body, "instance", str, what), _field(body, "reason", str, what)
+        return cls(instance, reason[:4000], left)
 
 
 @dataclass(frozen=True)

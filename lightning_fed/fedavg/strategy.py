@@ -133,6 +133,12 @@ class FedAvgStrategy(Strategy):
             ``federated/<name>`` with the validated round as the step. Logged
             torchmetrics ``Metric`` objects are merged exactly; plain floats are
             averaged by validation samples (see docs/algorithms.md).
+        optimizer_state: aggregator: what clients do with their optimizers' state
+            (momentum buffers, Adam moments, step counts) when a round starts:
+            ``"keep"`` carries it on from their previous round, as Lightning does from
+            one epoch to the next (the default); ``"reset"`` clears it, so that every
+            round starts as a fresh optimizer on the global model. Learning-rate
+            schedulers keep stepping across rounds either way.
         strategy: how this party trains inside: None (one device, the default) or
             ``"ddp"`` (one process per device of ``Trainer(devices=N)``; only global
             rank 0 talks to the other parties, see docs/scaling.md). Clients only.
@@ -179,6 +185,7 @@ class FedAvgStrategy(Strategy):
         max_model_bytes: int = 32 << 30,
         algorithm: Algorithm | None = None,
         evaluate_on_clients: bool = False,
+        optimizer_state: str = "keep",
         strategy: str | None = None,
         strategy_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -200,6 +207,7 @@ class FedAvgStrategy(Strategy):
             state_dir=state_dir,
             output_dir=output_dir,
             evaluate_on_clients=evaluate_on_clients,
+            optimizer_state=optimizer_state,
         )
         if strategy is not None and config.role == "aggregator":
             raise SettingError(
@@ -261,6 +269,12 @@ class FedAvgStrategy(Strategy):
         :meth:`receive_test_report`).
         """
         return self._outcome.final_report
+
+    @property
+    def left(self) -> str | None:
+        """Client: why it left the federation before the finish (its Trainer stopped,
+        e.g. by ``EarlyStopping``), or None."""
+        return self._outcome.left
 
     # -- where things are ------------------------------------------------------------
     @property

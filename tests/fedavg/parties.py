@@ -50,6 +50,8 @@ class TinyNet(L.LightningModule):
         self.net = nn.Sequential(nn.Linear(FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, 2))
         self.lr, self.momentum = lr, momentum
         self.epochs_done = 0
+        # Two optimisers (one per layer) stepped by hand, as a GAN-style module would.
+        self.automatic_optimization = not self.opts.get("manual", False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -62,11 +64,28 @@ class TinyNet(L.LightningModule):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss, on_step=False, on_epoch=True)
+        if not self.automatic_optimization:
+            optimizers = self.optimizers()
+            assert isinstance(optimizers, list)
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            self.manual_backward(loss)
+            for optimizer in optimizers:
+                optimizer.step()
+            if self.trainer.is_last_batch:  # manual optimisation steps its schedulers too
+                schedulers = self.lr_schedulers()
+                for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+                    scheduler.step()  # type: ignore[union-attr]
         return loss
 
     def on_train_epoch_start(self) -> None:
         # The round this epoch trains for (one local epoch per round in these tests).
         round = self.epochs_done + 1
+        if self.opts.get("log_optimizer"):  # what the optimizer starts the round with
+            optimizer = self.trainer.optimizers[0]
+            held = sum(len(s) for s in optimizer.state.values())
+            self.log("optimizer_state_tensors", float(held), on_epoch=True)
+            self.log("lr_at_round_start", float(optimizer.param_groups[0]["lr"]), on_epoch=True)
         if self.opts.get("die_in_round") == round:
             os.kill(os.getpid(), signal.SIGKILL)
         fail = self.opts.get("raise_on_rank")  # (round, rank): that DDP rank fails
@@ -101,8 +120,27 @@ class TinyNet(L.LightningModule):
         x, y = batch
         self.log("test_acc", (self(x).argmax(1) == y).float().mean())
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+    def configure_optimizers(self) -> Any:
+        def sgd(params: Any) -> torch.optim.Optimizer:
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+
+        if not self.automatic_optimization:
+            first, second = sgd(self.net[0].parameters()), sgd(self.net[2].parameters())
+            halve = [torch.optim.lr_scheduler.StepLR(o, 1, 0.5) for o in (first, second)]
+            return [first, second], halve
+        optimizer = sgd(self.parameters())
+        schedule = self.opts.get("scheduler")
+        if schedule == "epoch":  # halves the rate after every epoch (= round)
+            scheduler: Any = torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)
+        elif schedule == "step":  # decays the rate after every optimizer step
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9)
+        else:
+            return optimizer
+        interval = "epoch" if schedule == "epoch" else "step"
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }
 
 
 def noisy_dataset(seed: int, n: int, shift: float) -> TensorDataset:
@@ -214,18 +252,32 @@ def run_party(
         keys=str(Path(root) / "keys"),
         **strategy_kwargs,
     )
-    trainer = L.Trainer(
-        strategy=strategy,
-        default_root_dir=str(Path(root) / node),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=role == "aggregator",
-        max_epochs=-1 if role == "client" else None,
-        num_sanity_val_steps=0,
-        deterministic=True,
+    settings: dict[str, Any] = {
+        "default_root_dir": str(Path(root) / node),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "logger": role == "aggregator",
+        "max_epochs": -1 if role == "client" else None,
+        "num_sanity_val_steps": 0,
+        "deterministic": True,
         **party.get("trainer", {}),  # precision, accumulate_grad_batches...
-    )
+    }
+    callbacks = party.get("callbacks", {})  # Lightning's own, on this party
+    if "checkpoint" in callbacks:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        settings["enable_checkpointing"] = True
+        settings.setdefault("callbacks", []).append(ModelCheckpoint(**callbacks["checkpoint"]))
+    if "early_stopping" in callbacks:
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        settings.setdefault("callbacks", []).append(EarlyStopping(**callbacks["early_stopping"]))
+    if party.get("csv_logger"):
+        from lightning.pytorch.loggers import CSVLogger
+
+        settings["logger"] = CSVLogger(str(Path(root) / node / "csv"), name="", version="")
+    trainer = L.Trainer(strategy=strategy, **settings)
     make = MetricNet if party.get("model") == "metrics" else TinyNet
     model = make(party.get("lr", 0.1), party.get("momentum", 0.0), party.get("opts"))
     if party.get("dry_run"):  # measures how long a party takes to get this far
@@ -280,8 +332,9 @@ def run_plain(root: str, epochs: int, party: dict[str, Any]) -> None:
         logger=False,
         num_sanity_val_steps=0,
         deterministic=True,
+        **party.get("trainer", {}),
     )
-    model = TinyNet(party.get("lr", 0.1), party.get("momentum", 0.0))
+    model = TinyNet(party.get("lr", 0.1), party.get("momentum", 0.0), party.get("opts"))
     data = dataset(party.get("data_seed", 0), party.get("n", 64))
     loader = DataLoader(data, batch_size=party.get("batch_size", 16), shuffle=False)
     trainer.fit(model, train_dataloaders=loader)

@@ -76,9 +76,31 @@ def test_end_to_end_over_s3(fed: Any, s3_endpoint: str) -> None:
     assert any("/t/inbox/" in k for k in stored) or any("/t/blobs/" in k for k in stored)
 
 
-def test_one_client_equals_plain_lightning(fed: Any, tmp_path: Path) -> None:
-    """R rounds x 1 epoch with one client == plain Lightning for R epochs (same order)."""
-    party = {"n": 50, "batch_size": 8, "lr": 0.05, "momentum": 0.9}
+#: Lightning's loop across rounds: (Trainer arguments, TinyNet options) of the client.
+LIGHTNING_LOOP = [
+    pytest.param({}, {}, id="plain"),
+    pytest.param(
+        {"gradient_clip_val": 0.05, "accumulate_grad_batches": 2, "precision": "bf16-mixed"},
+        {"scheduler": "step"},
+        id="clipping-accumulation-bf16-step-scheduler",
+    ),
+    pytest.param(
+        {"precision": "16-mixed"},
+        {"manual": True},
+        id="16-mixed-two-optimisers-manual-epoch-schedulers",
+    ),
+]
+
+
+@pytest.mark.parametrize(("trainer", "opts"), LIGHTNING_LOOP)
+def test_one_client_equals_plain_lightning(
+    fed: Any, tmp_path: Path, trainer: dict[str, Any], opts: dict[str, Any]
+) -> None:
+    """R rounds x 1 epoch with one client == plain Lightning for R epochs (same order):
+    Lightning's loop (precision, accumulation, clipping, several optimisers, schedulers
+    of either interval, optimizer state) carries on across rounds as across epochs."""
+    party = {"n": 50, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "trainer": trainer}
+    party["opts"] = opts
     f = fed("c1")
     f.start("c1", "client", FAST, party)
     f.start("agg", "aggregator", {**FAST, "rounds": 4})
@@ -92,6 +114,59 @@ def test_one_client_equals_plain_lightning(fed: Any, tmp_path: Path) -> None:
         got = _weights(f.out(node) / "final.safetensors")
         for k in expected:
             torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_state_reset_clears_the_state_each_round_and_schedulers_go_on(
+    fed: Any,
+) -> None:
+    party = {"momentum": 0.9, "lr": 0.08, "opts": {"log_optimizer": True, "scheduler": "epoch"}}
+    f = fed("c1")
+    f.start("c1", "client", FAST, party)
+    f.start("agg", "aggregator", {**FAST, "rounds": 3, "optimizer_state": "reset"})
+    assert f.wait() == {"c1": 0, "agg": 0}, f.log("c1") + f.log("agg")
+    rounds = [r["client_metrics"]["c1"] for r in f.report()["rounds"]]
+    assert [m["optimizer_state_tensors"] for m in rounds] == [0, 0, 0]  # no momentum kept
+    lrs = [m["lr_at_round_start"] for m in rounds]
+    assert lrs == pytest.approx([0.08, 0.04, 0.02])  # halved per round
+
+
+def test_clients_keep_their_checkpoints_loggers_and_early_stopping_which_leaves(
+    fed: Any,
+) -> None:
+    """Lightning's callbacks and loggers on clients work across rounds; a client whose
+    EarlyStopping stops its Trainer sends that round's update, then leaves at once; the
+    aggregator's EarlyStopping ends the federation, and the clients get the model."""
+    f = fed("c1", "c2")
+    keeper = {
+        "val": (101, 30, 0.0),
+        "csv_logger": True,
+        "callbacks": {"checkpoint": {"monitor": "val_loss", "save_top_k": 1, "save_last": True}},
+    }
+    f.start("c1", "client", FAST, {"data_seed": 1, **keeper})
+    # Round 2 cannot improve train_loss by 10: patience 1 runs out after round 2.
+    stopper = {"early_stopping": {"monitor": "train_loss", "min_delta": 10.0, "patience": 1}}
+    f.start("c2", "client", FAST, {"data_seed": 2, "callbacks": stopper})
+    # The aggregator's own EarlyStopping ends the federation after round 3 of 5.
+    ends = {"early_stopping": {"monitor": "val_loss", "min_delta": 10.0, "patience": 2}}
+    f.start("agg", "aggregator", {**FAST, "rounds": 5}, {"callbacks": ends})
+    codes = f.wait()
+    assert codes == {"c1": 0, "c2": 0, "agg": 0}, f.log("agg") + f.log("c2")
+    report = f.report()
+    assert report["rounds_completed"] == 3
+    samples = [sorted(r["samples"]) for r in report["rounds"]]
+    assert samples == [["c1", "c2"], ["c1", "c2"], ["c1"]]
+    assert json.loads((f.out("c1") / "report.json").read_text())["rounds_completed"] == 3
+    said = f.log("agg")
+    assert "client c2 left the federation: its Trainer stopped after round 2 (EarlyStopping" in said
+    assert "stopped with an error" not in said
+    assert "left the federation" in f.log("c2")
+    # c1's ModelCheckpoint kept its best round and the last; its CSVLogger a row per round.
+    saved = sorted(p.name for p in (f.root / "c1").rglob("*.ckpt"))
+    assert "last.ckpt" in saved and any(n.startswith("epoch=") for n in saved), saved
+    rows = (f.root / "c1" / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    losses = [r.split(",")[header.index("train_loss")] for r in rows[1:]]
+    assert len([v for v in losses if v]) == 3, rows  # one epoch-level row per round
 
 
 def test_one_client_with_local_steps_equals_plain_lightning_max_steps(
