@@ -14,6 +14,14 @@
 3. The aggregator's peak RSS with 8 clients and the ~100 MB model, above its RSS
    before round 1 (model loaded), as a multiple of the model size; total RSS too.
    Sampled every 2 ms from /proc (Linux).
+4. DDP inside a client (``--only ddp``): the MNIST federation with one client, in one
+   process and on 2 DDP ranks (CPU, gloo), next to plain Lightning training of the same
+   model on the same data for as many epochs, in one process and with DDP on 2 ranks.
+   Per round (median over rounds 2..R): the federation's round time, plain Lightning's
+   epoch time, and the framework's overhead (round minus epoch) with and without DDP;
+   what DDP adds to that overhead is printed as a share of the DDP round (target under
+   10%). On 2 cores DDP cannot be faster than one process; the figure is the
+   framework's cost on top of Lightning's own DDP.
 """
 
 from __future__ import annotations
@@ -120,6 +128,117 @@ def accuracy(work: Path, seeds: int, mnist_rounds: int = 5, only: str | None = N
         f"overhead per round, seed ConvNet on file:// ({len(overheads)} rounds): median "
         f"{1000 * statistics.median(overheads):.0f} ms, max {1000 * max(overheads):.0f} ms "
         "(target <= 100 ms)",
+        flush=True,
+    )
+
+
+# -- DDP inside a client ------------------------------------------------------------
+def _plain_epochs(out: str, devices: int, epochs: int) -> None:
+    """Plain Lightning on client 0's MNIST share (1 client), epoch times to ``out``.
+
+    Run as ``fedavg.py --plain-epochs OUT DEVICES EPOCHS``: under DDP Lightning starts
+    the second rank by running that command again.
+    """
+    import json
+
+    import lightning.pytorch as L
+    from mnist import ConvNet, MnistData
+
+    class Clock(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+            self.times.append(time.perf_counter() - self.started)
+
+    warnings.filterwarnings("ignore")
+    L.seed_everything(0, verbose=False)
+    clock = Clock()
+    ddp = {"strategy": "ddp", "devices": devices} if devices > 1 else {"devices": 1}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[clock],
+        **ddp,  # type: ignore[arg-type]
+    )
+    trainer.fit(ConvNet(), datamodule=MnistData(client_index=0, num_clients=1))
+    if trainer.global_rank == 0:
+        Path(out).write_text(json.dumps(clock.times))
+
+
+def _median_after_first(values: list[float]) -> float:
+    return statistics.median(values[1:] if len(values) > 1 else values)
+
+
+def ddp_client(work: Path, rounds: int) -> None:
+    import json
+    import subprocess
+
+    from lightning_fed.simulate import simulate
+
+    ex = ROOT / "examples" / "mnist"
+    rows = {}
+    for devices in (1, 2):
+        plain = work / f"plain-{devices}.json"
+        subprocess.run(
+            [sys.executable, __file__, "--plain-epochs", str(plain), str(devices), str(rounds)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        epoch = _median_after_first(json.loads(plain.read_text()))
+        ddp = (
+            [
+                f"--trainer.devices={devices}",
+                "--trainer.accelerator=cpu",
+                "--trainer.strategy.init_args.strategy=ddp",
+            ]
+            if devices > 1
+            else []
+        )
+        with open(work / f"ddp-{devices}.log", "w") as log:
+            res = simulate(
+                ex / "aggregator.yaml",
+                ex / "client.yaml",
+                clients=1,
+                workdir=work / f"ddp-{devices}",
+                task_id="mnist",
+                aggregator_args=[
+                    f"--trainer.strategy.init_args.rounds={rounds}",
+                    "--trainer.strategy.init_args.min_clients=1",
+                    "--data.init_args.num_clients=1",
+                ],
+                client_args=["--data.init_args.num_clients=1", *ddp],
+                out=log,
+                threads=1 if devices > 1 else 2,
+            )
+        assert res.ok and res.report, f"the federation failed, see {log.name}"
+        round_time = _median_after_first([r["seconds"] for r in res.report["rounds"]])
+        rows[devices] = (round_time, epoch)
+        label = "one process" if devices == 1 else f"{devices} DDP ranks"
+        print(
+            f"MNIST, 1 client, {label:11s}: federated round {1000 * round_time:6.0f} ms | plain "
+            f"Lightning epoch {1000 * epoch:6.0f} ms | framework overhead "
+            f"{1000 * (round_time - epoch):5.0f} ms",
+            flush=True,
+        )
+    (one_round, one_epoch), (ddp_round, ddp_epoch) = rows[1], rows[2]
+    added = (ddp_round - ddp_epoch) - (one_round - one_epoch)
+    share = added / ddp_round
+    print(
+        f"DDP's own cost (plain Lightning, 2 ranks vs 1 process): x{ddp_epoch / one_epoch:.2f} "
+        f"per epoch; what the framework adds under DDP beyond its one-process overhead: "
+        f"{1000 * added:+.0f} ms = {100 * share:+.1f}% of the DDP round (target under 10%: "
+        f"{'met' if share < 0.10 else 'NOT met'})",
         flush=True,
     )
 
@@ -248,7 +367,7 @@ def big_model(work: Path, clients: int, mb: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["accuracy", "big"])
+    parser.add_argument("--only", choices=["accuracy", "big", "ddp"])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per accuracy figure")
@@ -259,13 +378,21 @@ def main() -> None:
         help="rounds of the MNIST federation and epochs of its baseline (the seed's is 5)",
     )
     parser.add_argument("--example", choices=["digits", "mnist"], help="one accuracy figure only")
+    parser.add_argument("--ddp-rounds", type=int, default=6, help="rounds of the DDP figure")
+    parser.add_argument("--plain-epochs", nargs=3, help=argparse.SUPPRESS)  # a DDP worker
     args = parser.parse_args()
+    if args.plain_epochs:
+        out, devices, epochs = args.plain_epochs
+        _plain_epochs(out, int(devices), int(epochs))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.only in (None, "accuracy"):
             accuracy(work, args.seeds, args.mnist_rounds, args.example)
         if args.only in (None, "big"):
             big_model(work, args.clients, args.mb)
+        if args.only in (None, "ddp"):
+            ddp_client(work, args.ddp_rounds)
 
 
 if __name__ == "__main__":

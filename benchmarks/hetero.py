@@ -52,7 +52,7 @@ def _federated(
     ``secure``): the host's report and the collaborator's."""
     import json
 
-    from lightning_fed.hetero.strategy import party_dir
+    from lightning_fed.node.party import party_dir
     from lightning_fed.simulate import simulate_hetero
 
     ex = ROOT / "examples" / name
@@ -71,7 +71,7 @@ def _federated(
     if not res.ok or not res.report:
         raise SystemExit(f"{task}: the HeteroNN run failed; see {log.name}")
     node = "collaborator-1"
-    report = party_dir(work / task / node, task, node) / "report.json"
+    report = party_dir(work / task / node, "heteronn", task, node) / "report.json"
     return res.report, json.loads(report.read_text())
 
 

@@ -303,9 +303,9 @@ def simulate_hetero(
     codes, interrupted, failure = _run_parties(parties, [host_cfg, *cfgs], threads, out)
     if interrupted:
         raise KeyboardInterrupt
-    from lightning_fed.hetero.strategy import party_dir  # torch only once parties ran
+    from lightning_fed.node.party import party_dir  # torch only once parties ran
 
-    report_path = party_dir(root / HOST, task_id, HOST) / "report.json"
+    report_path = party_dir(root / HOST, "heteronn", task_id, HOST) / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     return SimulationResult(root, codes, report, failure)
 

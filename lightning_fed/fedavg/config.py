@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -55,8 +54,6 @@ class FedAvgConfig:
     local_keys: Sequence[str] = field(default_factory=tuple)
     seed: int = 0
     aggregator: str | None = None
-    state_dir: str | os.PathLike[str] | None = None
-    output_dir: str | os.PathLike[str] | None = None
     evaluate_on_clients: bool = False
     optimizer_state: str = "keep"
 

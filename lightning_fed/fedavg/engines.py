@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -31,6 +30,7 @@ from lightning_fed.errors import SettingError
 from lightning_fed.fedavg.config import FedAvgConfig
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.strategy import FedAvgStrategy
+from lightning_fed.node import OneDevice
 from lightning_fed.ranks import peer_reason
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def engine_class(name: str | None) -> type[FedAvgStrategy]:
     )
 
 
-class FedAvgSingleDevice(FedAvgStrategy, SingleDeviceStrategy):
+class FedAvgSingleDevice(FedAvgStrategy, OneDevice, SingleDeviceStrategy):
     """A FedAvg party in one process on one device (``strategy=None``)."""
 
     @classmethod
@@ -74,22 +74,12 @@ class FedAvgSingleDevice(FedAvgStrategy, SingleDeviceStrategy):
             )
         return {"device": "cpu"}  # the Trainer's accelerator moves it
 
-    parallel_devices: list[torch.device] | None = None  # set by the Trainer
-
-    @property
     @override
-    def root_device(self) -> torch.device:
-        return self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
-
-    @override
-    def setup_environment(self) -> None:
-        if self.parallel_devices and len(self.parallel_devices) > 1:
-            raise FedAvgError(
-                f"FedAvgStrategy trains this party on one device, got "
-                f"{len(self.parallel_devices)} devices; hint: FedAvgStrategy(..., "
-                "strategy='ddp') trains on all of them, or Trainer(devices=1)"
-            )
-        super().setup_environment()
+    def _too_many_devices(self, count: int) -> Exception:
+        return FedAvgError(
+            f"FedAvgStrategy trains this party on one device, got {count} devices; hint: "
+            "FedAvgStrategy(..., strategy='ddp') trains on all of them, or Trainer(devices=1)"
+        )
 
 
 class FedAvgDDP(FedAvgStrategy, DDPStrategy):

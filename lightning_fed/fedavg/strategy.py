@@ -18,7 +18,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -36,7 +35,7 @@ from lightning_fed.fedavg.errors import FedAvgError, FederationAbortedError, Sup
 from lightning_fed.fedavg.evaluation import Capture, Evaluation, merge
 from lightning_fed.fedavg.hooks import Outcome, Party
 from lightning_fed.fedavg.progress import RoundProgressBar
-from lightning_fed.node import Endpoint, NodeBusyError, Presence
+from lightning_fed.node import NodeBusyError, PartyStrategy
 from lightning_fed.outputs import save_report, scalar_metrics
 from lightning_fed.ranks import (
     PEER_REASON_WAIT,
@@ -63,7 +62,7 @@ class _RoundTicks:
         return 1
 
 
-class FedAvgStrategy(Strategy):
+class FedAvgStrategy(PartyStrategy):
     """Federated averaging (McMahan et al., 2017) as a Lightning strategy, for both roles.
 
     Every party runs the same LightningModule::
@@ -147,6 +146,7 @@ class FedAvgStrategy(Strategy):
     """
 
     strategy_name = "fedavg"
+    family = "fedavg"
 
     @classmethod
     def _engine_kwargs(
@@ -204,8 +204,6 @@ class FedAvgStrategy(Strategy):
             local_keys=local_keys,
             seed=seed,
             aggregator=aggregator,
-            state_dir=state_dir,
-            output_dir=output_dir,
             evaluate_on_clients=evaluate_on_clients,
             optimizer_state=optimizer_state,
         )
@@ -222,7 +220,7 @@ class FedAvgStrategy(Strategy):
         super().__init__(**self._engine_kwargs(dict(strategy_options or {}), config))
         self.config = config
         self.engine = strategy
-        self.endpoint = Endpoint.resolve(
+        self._init_party(
             channel,
             task_id,
             node_id,
@@ -230,12 +228,11 @@ class FedAvgStrategy(Strategy):
             task_config=task_config,
             key_file=key_file,
             storage_options=storage_options,
+            state_dir=state_dir,
+            output_dir=output_dir,
         )
-        self.task_id, self.node_id = self.endpoint.task_id, self.endpoint.node_id
         self.max_model_bytes = positive_int("max_model_bytes", max_model_bytes)
         self.algorithm = self._check_algorithm(algorithm)
-        self._channel: Channel | None = None
-        self._presence: Presence | None = None
         self._outcome = Outcome()  # what the hooks leave: the report, who finished
         self._test_capture: Capture | None = None  # client: its test of the final model
         self._hooks: AggregatorHooks | ClientHooks | None = None
@@ -281,17 +278,6 @@ class FedAvgStrategy(Strategy):
     def role(self) -> str:
         """``"client"`` or ``"aggregator"``."""
         return self.config.role
-
-    def _party_dir(self, trainer: pl.Trainer) -> Path:
-        return Path(trainer.default_root_dir) / "fedavg" / self.task_id / self.node_id
-
-    def output_dir(self, trainer: pl.Trainer) -> Path:
-        """Where this party writes its final weights and report."""
-        return Path(self.config.output_dir or self._party_dir(trainer))
-
-    def state_dir(self, trainer: pl.Trainer) -> Path:
-        """Where recovery checkpoints and the channel's replay journal live."""
-        return Path(self.config.state_dir or self._party_dir(trainer) / "state")
 
     # -- Lightning hooks ----------------------------------------------------------------
     @override
@@ -347,19 +333,10 @@ class FedAvgStrategy(Strategy):
         self._claim_node(self._open_channel(trainer))
         clear_reasons(self.state_dir(trainer), world_size)
 
-    def _claim_node(self, channel: Channel) -> None:
-        """Make sure no other live process runs this node id (see :class:`Presence`)."""
-        if self._presence is None:
-            presence = Presence(channel)
-            presence.acquire()
-            self._presence = presence
-
     def _open_channel(self, trainer: pl.Trainer) -> Channel:
-        channel = self.endpoint.make_channel(
+        return self._connect_channel(
             max_blob_bytes=self.max_model_bytes, state_dir=self.state_dir(trainer)
         )
-        self._channel = channel.connect()
-        return channel
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -656,13 +633,7 @@ class FedAvgStrategy(Strategy):
         if hooks is not None and trainer is not None:
             hooks.detach(trainer)
         self._hooks, self._trainer = None, None
-        if self._presence is not None:
-            self._presence.release()
-            self._presence = None
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        super().teardown()
+        super().teardown()  # the party's claim and channel go (PartyStrategy)
 
 
 # ``FedAvgStrategy(...)`` becomes an engine subclass (lightning_fed.fedavg.engines), whose

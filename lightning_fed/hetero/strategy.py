@@ -16,11 +16,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
@@ -33,7 +31,7 @@ from lightning_fed.hetero.link import CollaboratorLink, HeteroError, HostLink, L
 from lightning_fed.hetero.module import HeteroNNModule
 from lightning_fed.hetero.psi import private_intersection
 from lightning_fed.hetero.recovery import checkpoint_path, ids_digest, saved_epochs
-from lightning_fed.node import Endpoint, NodeBusyError, Presence
+from lightning_fed.node import NodeBusyError, OneDevice, PartyStrategy
 from lightning_fed.trainer_access import callbacks_of, restore_during_setup
 from lightning_fed.validation import node_name, positive_int, seconds
 
@@ -43,12 +41,7 @@ log = logging.getLogger(__name__)
 POLL_FIRST, POLL_MAX_LOCAL = 0.0005, 0.002
 
 
-def party_dir(root_dir: str | os.PathLike[str], task_id: str, node_id: str) -> Path:
-    """A party's default output folder (``report.json``; ``state/`` for checkpoints)."""
-    return Path(root_dir) / "heteronn" / task_id / node_id
-
-
-class HeteroNNStrategy(SingleDeviceStrategy):
+class HeteroNNStrategy(PartyStrategy, OneDevice, SingleDeviceStrategy):
     """Split learning across a host and its collaborators, for both roles.
 
     Example::
@@ -91,6 +84,8 @@ class HeteroNNStrategy(SingleDeviceStrategy):
     """
 
     strategy_name = "heteronn"
+    family = "heteronn"
+    keeps_channel = True  # the session and its traffic span fit and test
 
     def __init__(
         self,
@@ -115,7 +110,6 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         poll_interval: float | None = None,
     ) -> None:
         super().__init__(device="cpu")
-        self.parallel_devices: list[torch.device] | None = None  # set by the Trainer
         if role not in ("host", "collaborator"):
             raise SettingError(f"role must be 'host' or 'collaborator', got {role!r}")
         if role == "host" and not collaborators:
@@ -131,7 +125,7 @@ class HeteroNNStrategy(SingleDeviceStrategy):
                     f"log_rounds={log_rounds} is the host's setting; a collaborator follows the "
                     "host's validation schedule; hint: leave it out on collaborators"
                 )
-        self.endpoint = Endpoint.resolve(
+        self._init_party(
             channel,
             task_id,
             node_id,
@@ -139,8 +133,9 @@ class HeteroNNStrategy(SingleDeviceStrategy):
             task_config=task_config,
             key_file=key_file,
             storage_options=storage_options,
+            state_dir=state_dir,
+            output_dir=output_dir,
         )
-        self.task_id, self.node_id = self.endpoint.task_id, self.endpoint.node_id
         self.role = role
         self.host = self.node_id if role == "host" else node_name("host node id", host)
         if isinstance(collaborators, str):
@@ -162,53 +157,29 @@ class HeteroNNStrategy(SingleDeviceStrategy):
         )
         self.log_rounds = log_rounds
         self.recovery = bool(recovery)
-        self._state_dir = Path(state_dir) if state_dir is not None else None
-        self._output_dir = Path(output_dir) if output_dir is not None else None
-        self._channel: Channel | None = None
-        self._presence: Presence | None = None
         self._session: str | None = None
         self._alignment: dict[str, Any] = {}
         self._hooks: HeteroHooks | None = None
-
-    def _party_dir(self, trainer: pl.Trainer) -> Path:
-        return party_dir(trainer.default_root_dir, self.task_id, self.node_id)
-
-    def state_dir(self, trainer: pl.Trainer) -> Path:
-        """Where this party's recovery checkpoints live."""
-        return self._state_dir or self._party_dir(trainer) / "state"
-
-    def output_dir(self, trainer: pl.Trainer) -> Path:
-        """Where this party writes ``report.json``."""
-        return self._output_dir or self._party_dir(trainer)
 
     @property
     def report(self) -> dict[str, Any] | None:
         """This party's report so far (alignment, epochs, metrics, traffic), if it ran."""
         return None if self._hooks is None else self._hooks.report()
 
-    @property
     @override
-    def root_device(self) -> torch.device:
-        return self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
-
-    @override
-    def setup_environment(self) -> None:
-        if self.parallel_devices and len(self.parallel_devices) > 1:
-            raise HeteroError(
-                f"a HeteroNN party runs in one process on one device, got "
-                f"{len(self.parallel_devices)} devices: every batch is one exchange with the "
-                "other parties, which DDP's ranks would each repeat; hint: Trainer(devices=1) "
-                "(a bigger batch_size uses a bigger device)"
-            )
-        super().setup_environment()
+    def _too_many_devices(self, count: int) -> Exception:
+        return HeteroError(
+            f"a HeteroNN party runs in one process on one device, got {count} devices: every "
+            "batch is one exchange with the other parties, which DDP's ranks would each "
+            "repeat; hint: Trainer(devices=1) (a bigger batch_size uses a bigger device)"
+        )
 
     def _open_channel(self) -> Channel:
         if self._channel is None:
-            self._channel = self.endpoint.make_channel().connect()
+            self._connect_channel()
+        assert self._channel is not None
         if self._presence is None:  # one live process per node id
-            presence = Presence(self._channel)
-            presence.acquire()
-            self._presence = presence
+            self._claim_node(self._channel)
             if self.poll_interval is not None:
                 self._channel.set_polling(min(POLL_FIRST, self.poll_interval), self.poll_interval)
             elif self._channel.store.local:
@@ -308,13 +279,6 @@ class HeteroNNStrategy(SingleDeviceStrategy):
             path,
             plan.resume_epoch,
         )
-
-    @override
-    def teardown(self) -> None:
-        if self._presence is not None:
-            self._presence.release()
-            self._presence = None
-        super().teardown()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
