@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_fed.fedavg import dirichlet_partition, iid_partition
@@ -63,6 +64,11 @@ class ConvNet(L.LightningModule):
         self.conv2_drop = nn.Dropout2d()
         self.fc1 = nn.Linear(320, 50)
         self.fc2 = nn.Linear(50, 10)
+        # torchmetrics Metric objects: with evaluate_on_clients the aggregator merges
+        # their states exactly. Not in state_dict, so never federated.
+        self.train_accuracy = MulticlassAccuracy(num_classes=10)
+        self.val_accuracy = MulticlassAccuracy(num_classes=10)
+        self.test_accuracy = MulticlassAccuracy(num_classes=10)
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +84,9 @@ class ConvNet(L.LightningModule):
         out = self(x)
         loss = F.nll_loss(out, y)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True)
-        self.log(f"{stage}_acc", (out.argmax(1) == y).float().mean(), on_epoch=True, prog_bar=True)
+        accuracy = getattr(self, f"{stage}_accuracy")
+        accuracy(out, y)
+        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     @override
