@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,s3,secure
 CONSTRAINTS := requirements/constraints.txt
+# Test processes (pytest-xdist). Most tests wait on parties starting Lightning, so two
+# workers halve the suite on a 2-core machine; each worker runs up to 6 processes.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint typecheck bench clean-venv help
 
@@ -26,7 +29,7 @@ demo: $(STAMP)
 	$(PY) examples/digits/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_fed tests examples benchmarks
