@@ -219,7 +219,6 @@ class FedAvgStrategy(PartyStrategy):
             self.__class__ = engine_class(strategy)
         super().__init__(**self._engine_kwargs(dict(strategy_options or {}), config))
         self.config = config
-        self.engine = strategy
         self._init_party(
             channel,
             task_id,

@@ -374,18 +374,18 @@ def test_a_test_that_comes_while_the_validation_is_collected_waits_for_its_turn(
     send("c1", "validate", 0.5)
     send("c1", "test", 0.7)  # c1 is fast: its test comes before c2's validation
     send("c2", "validate", 0.6)
-    config = FedAvgConfig(role="aggregator", calculation_timeout=10)
+    config = FedAvgConfig(role="aggregator", calculation_timeout=120)
     channel = Channel(url, task, ids["agg"]).connect()
     early: dict[str, list] = {}
     validating = AggregatorRole(channel, config, instances, early=early)
-    validated = validating.collect_evaluations(3, "validate", timeout=10)
+    validated = validating.collect_evaluations(3, "validate", timeout=120)
     assert {n: e.metrics for n, e in validated.items()} == {
         "c1": {"validate_acc": 0.5},
         "c2": {"validate_acc": 0.6},
     }
     send("c2", "test", 0.8)
     testing = AggregatorRole(channel, config, instances, early=early)  # after trainer.test
-    tested = testing.collect_evaluations(3, "test", timeout=10)
+    tested = testing.collect_evaluations(3, "test", timeout=120)
     assert {n: e.metrics for n, e in tested.items()} == {
         "c1": {"test_acc": 0.7},
         "c2": {"test_acc": 0.8},
