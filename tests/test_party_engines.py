@@ -44,9 +44,13 @@ def test_what_a_party_cannot_train_with_is_refused_at_once(
         _client(tmp_path, **kwargs)
 
 
-def test_the_aggregator_runs_in_one_process(tmp_path: Path) -> None:
-    with pytest.raises(SettingError, match="leave strategy out on the aggregator"):
-        FedAvgStrategy(str(tmp_path), "t", "agg", "aggregator", strategy="ddp")
+def test_the_aggregator_takes_ddp_and_refuses_sharding_as_a_client_does(tmp_path: Path) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    aggregator = FedAvgStrategy(str(tmp_path), "t", "agg", "aggregator", strategy="ddp")
+    assert isinstance(aggregator, DDPStrategy) and aggregator.role == "aggregator"
+    with pytest.raises(SettingError, match="FSDP and DeepSpeed shard the model"):
+        FedAvgStrategy(str(tmp_path), "t", "agg", "aggregator", strategy="fsdp")
 
 
 def test_two_devices_without_ddp_are_refused_before_training(tmp_path: Path) -> None:

@@ -1,4 +1,11 @@
-"""The aggregator's Lightning callback: its epochs are the rounds."""
+"""The aggregator's Lightning callback: its epochs are the rounds.
+
+Under DDP (``FedAvgStrategy(..., strategy="ddp")``) the aggregator runs one process per
+device: global rank 0 gathers the clients, runs each round and makes the new global
+model, which reaches the other ranks through the process group; every rank then
+validates (and tests) its shard of the holdout with the same weights, as in plain
+Lightning DDP. Only rank 0 writes the report and the final weights.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
@@ -18,7 +26,7 @@ from lightning_fed.algorithms import (
     Algorithm,
 )
 from lightning_fed.algorithms.aggregate import update_problems
-from lightning_fed.fedavg.aggregator import AggregatorRole
+from lightning_fed.fedavg.aggregator import AggregatorRole, RoundResult
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.evaluation import Evaluation, merge
 from lightning_fed.fedavg.hooks import RECOVERY_CHECKPOINT, Outcome, Party, RoleHooks
@@ -30,19 +38,32 @@ from lightning_fed.outputs import (
     scalar_metrics,
     temporary_sibling,
 )
+from lightning_fed.ranks import PEER_REASON_WAIT, Ranks, broke_collective, peer_reason
 from lightning_fed.trainer_access import restore_during_setup
 
 log = logging.getLogger(__name__)
 
 
 class AggregatorHooks(RoleHooks):
-    """The aggregator's side: gather clients, run one round per epoch, publish the result."""
+    """The aggregator's side: gather clients, run one round per epoch, publish the result.
 
-    def __init__(self, party: Party, outcome: Outcome, algorithm: Algorithm) -> None:
+    Args:
+        party: where it works (its channel on global rank 0 only).
+        outcome: what the fit leaves for the strategy.
+        algorithm: the federated algorithm (its server side runs on rank 0).
+        ranks: the aggregator's processes (one without DDP).
+    """
+
+    def __init__(self, party: Party, outcome: Outcome, algorithm: Algorithm, ranks: Ranks) -> None:
         super().__init__(party, outcome)
         self.algorithm = algorithm
-        self.role = AggregatorRole(
-            self.channel, self.config, algorithm=algorithm, early=outcome.early_evaluations
+        self.ranks = ranks
+        self._role = (
+            AggregatorRole(
+                self.channel, self.config, algorithm=algorithm, early=outcome.early_evaluations
+            )
+            if self.ranks.is_zero
+            else None
         )
         self.history: list[dict[str, Any]] = []
         self.resumed_after = 0
@@ -51,14 +72,23 @@ class AggregatorHooks(RoleHooks):
         self.initial_federated: dict[str, float] = {}
 
     @property
+    def role(self) -> AggregatorRole:
+        """Rank 0's role: the channel, the clients, the rounds."""
+        if self._role is None:
+            raise FedAvgError(f"rank {self.ranks.rank} has no channel; only rank 0 talks")
+        return self._role
+
+    @property
     @override
     def state_key(self) -> str:
         return "FedAvgAggregator"
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._role is None:  # only rank 0's checkpoint is written
+            return {"task_id": self.party.task_id, "history": list(self.history)}
         return {
-            "task_id": self.channel.task.task_id,
+            "task_id": self.party.task_id,
             "clients": dict(self.role.clients),
             "history": list(self.history),
             "algorithm": {**self.algorithm.describe(), "state": self.algorithm.state_dict()},
@@ -66,10 +96,10 @@ class AggregatorHooks(RoleHooks):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("task_id") != self.channel.task.task_id:
+        if state_dict.get("task_id") != self.party.task_id:
             raise FedAvgError(
                 f"the recovery checkpoint belongs to task {state_dict.get('task_id')!r}, not "
-                f"{self.channel.task.task_id!r}; hint: give each task its own state_dir"
+                f"{self.party.task_id!r}; hint: give each task its own state_dir"
             )
         saved = state_dict.get("algorithm", {"name": "fedavg", "params": {}, "state": {}})
         described = self.algorithm.describe()
@@ -80,7 +110,8 @@ class AggregatorHooks(RoleHooks):
                 f"{described['params']!r}; hint: restart with the same algorithm, or give "
                 "the new run its own state_dir"
             )
-        self.role.clients = dict(state_dict.get("clients", {}))
+        if self._role is not None:
+            self._role.clients = dict(state_dict.get("clients", {}))
         self.history = list(state_dict.get("history", []))
         self.resumed_after = len(self.history)
         self._restored_algorithm = dict(saved.get("state", {}))
@@ -103,6 +134,10 @@ class AggregatorHooks(RoleHooks):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._describe_model(pl_module)
+        self.ranks.from_zero(self._start)
+
+    def _start(self) -> None:
+        """Rank 0: set the algorithm up, then gather the clients (or find them again)."""
         self.algorithm.setup(self.model, self.role.expected_clients)
         if self._restored_algorithm is not None:
             self.algorithm.load_state_dict(self._restored_algorithm)
@@ -115,20 +150,34 @@ class AggregatorHooks(RoleHooks):
             self.role.gather()
 
     def run_round(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        """One round: distribute, collect, fold, make the new global model, log."""
+        """One round: distribute, collect, fold, make the new global model, log.
+
+        Rank 0 does the round; every rank loads the new global model.
+        """
         round = trainer.current_epoch + 1
-        current = federated_state(module, self.names)
-        result = self.role.run_round(round, current, self.expected)
-        new = self.algorithm.server_update(current, result.aggregate)
-        problems = update_problems(self.expected, new)
-        if problems:
-            raise FedAvgError(
-                f"round {round}: algorithm {self.algorithm!r} made a global model that does "
-                f"not fit: {'; '.join(problems[:5])}; hint: lower its learning rate"
-            )
+        done: list[tuple[RoundResult, dict[str, torch.Tensor]]] = []  # rank 0's
+
+        def central() -> dict[str, Any]:  # rank 0
+            current = federated_state(module, self.names)
+            result = self.role.run_round(round, current, self.expected)
+            new = self.algorithm.server_update(current, result.aggregate)
+            problems = update_problems(self.expected, new)
+            if problems:
+                raise FedAvgError(
+                    f"round {round}: algorithm {self.algorithm!r} made a global model that "
+                    f"does not fit: {'; '.join(problems[:5])}; hint: lower its learning rate"
+                )
+            done.append((result, new))
+            return result.summary()
+
+        summary = self.ranks.from_zero(central)
+        new = self.ranks.tensors(done[0][1] if done else None)
         copy_state(module, new)
-        del current, new
-        self.history.append(result.summary())
+        del new
+        self.history.append(summary)
+        if not done:
+            return  # the other ranks: rank 0 logs the round
+        result = done.pop()[0]
         if result.evaluations:  # the clients' validation of the model this round started from
             self._record_federated(trainer, module, round - 1, result.evaluations)
         flat: dict[str, float] = {
@@ -176,11 +225,12 @@ class AggregatorHooks(RoleHooks):
             self.history[-1]["seconds"],
             f": {shown}" if shown else "",
         )
-        if self.config.recovery:
+        if self.config.recovery:  # every rank takes part; rank 0 writes
             path = self.recovery_path(trainer)
             tmp = temporary_sibling(path)
             trainer.save_checkpoint(tmp)
-            os.replace(tmp, path)
+            if self.ranks.is_zero:
+                os.replace(tmp, path)
 
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         local: dict[str, float] = next(
@@ -192,8 +242,8 @@ class AggregatorHooks(RoleHooks):
         )
         datamodule = getattr(trainer, "datamodule", None)
         return {
-            "task_id": self.channel.task.task_id,
-            "aggregator": self.channel.node_id,
+            "task_id": self.party.task_id,
+            "aggregator": self.node_id,
             "clients": sorted(self.role.clients),
             "algorithm": self.algorithm.describe(),
             "rounds_planned": self.config.rounds,
@@ -244,27 +294,41 @@ class AggregatorHooks(RoleHooks):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = self.output_dir
-        save_weights(pl_module.state_dict(), out / "final.safetensors")
-        trainer.save_checkpoint(out / "final.ckpt")
-        report = self.report(trainer, pl_module)
-        save_report(report, out / "report.json")
-        compact = {k: v for k, v in report.items() if k != "rounds"}
+        trainer.save_checkpoint(out / "final.ckpt")  # every rank takes part; rank 0 writes
+        evaluations: dict[str, Evaluation] = {}  # rank 0's
         final_round = len(self.history) if self.config.evaluate_on_clients else None
-        self.role.finish(federated_state(pl_module, self.names), compact, final_round)
-        if final_round is not None:
-            evaluations = self.role.collect_evaluations(final_round)
-            self._record_federated(trainer, pl_module, final_round, evaluations)
+
+        def finish() -> dict[str, str]:  # rank 0
+            save_weights(pl_module.state_dict(), out / "final.safetensors")
             report = self.report(trainer, pl_module)
             save_report(report, out / "report.json")
+            compact = {k: v for k, v in report.items() if k != "rounds"}
+            self.role.finish(federated_state(pl_module, self.names), compact, final_round)
+            if final_round is not None:
+                evaluations.update(self.role.collect_evaluations(final_round))
+            return dict(self.role.clients)
+
+        clients = self.ranks.from_zero(finish)
+        if final_round is not None and self.ranks.is_zero:
+            self._record_federated(trainer, pl_module, final_round, evaluations)
+        report = self.ranks.from_zero(lambda: self.report(trainer, pl_module))
+        if self.ranks.is_zero:
+            save_report(report, out / "report.json")
         self.outcome.final_report = report
-        self.outcome.test_report_due = dict(self.role.clients)
+        self.outcome.test_report_due = clients
         log.info("aggregator: final model and report in %s", out)
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        if self._role is None:
+            return  # this rank's reason reaches rank 0 (FedAvgStrategy.on_exception)
+        reason = f"{type(exception).__name__}: {exception}"
+        if self.ranks.world_size > 1:  # another rank's own reason is the one to send
+            wait = PEER_REASON_WAIT if broke_collective(exception) else 0.0
+            reason = peer_reason(self.party.state_dir, self.ranks.world_size, wait) or reason
         try:
-            self.role.abort(f"{type(exception).__name__}: {exception}")
+            self._role.abort(reason)
         except Exception as exc:  # never hide the original failure
             log.warning("aggregator: could not tell the clients about the failure: %s", exc)

@@ -8,7 +8,8 @@ talks, the other ranks follow (:mod:`lightning_fed.ranks`).
 
 Lightning's process launcher for DDP kills every process of a party, without a word,
 as soon as one rank exits with an error; :class:`_ReportingLauncher` first has rank 0
-tell the aggregator which rank failed and why.
+tell the federation which rank failed and why (a client tells the aggregator, the
+aggregator aborts its clients).
 """
 
 from __future__ import annotations
@@ -83,12 +84,14 @@ class FedAvgSingleDevice(FedAvgStrategy, OneDevice, SingleDeviceStrategy):
 
 
 class FedAvgDDP(FedAvgStrategy, DDPStrategy):
-    """A FedAvg client on one process per device: Lightning's DDP inside the party.
+    """A FedAvg party on one process per device: Lightning's DDP inside the party.
 
-    Global rank 0 talks to the aggregator; every rank loads the same global weights
-    (broadcast from rank 0), trains its shard of each epoch with gradients averaged by
-    DDP, and rank 0 sends the synchronised model with the samples of all ranks. Only
-    the ``popen`` start method (Lightning's default for ``"ddp"``) is supported.
+    Global rank 0 talks to the other parties. On a client every rank loads the same
+    global weights (broadcast from rank 0), trains its shard of each epoch with
+    gradients averaged by DDP, and rank 0 sends the synchronised model with the samples
+    of all ranks. On the aggregator rank 0 runs each round and every rank validates and
+    tests its shard of the holdout with the new global model. Only the ``popen`` start
+    method (Lightning's default for ``"ddp"``) is supported.
     """
 
     @classmethod
@@ -112,8 +115,6 @@ class FedAvgDDP(FedAvgStrategy, DDPStrategy):
 
     def _rank_failed(self, rank: int, returncode: int) -> None:
         """Rank 0, before Lightning stops the party because ``rank`` exited with an error."""
-        if self.role != "client":
-            return
         state_dir = self._current_state_dir()
         reason = peer_reason(state_dir, self.world_size) if state_dir is not None else None
         if reason is None:
@@ -122,8 +123,11 @@ class FedAvgDDP(FedAvgStrategy, DDPStrategy):
                 if returncode < 0 and -returncode in signal.valid_signals()
                 else f"exited with code {returncode}"
             )
-            reason = f"rank {rank} of this client's DDP processes {how}"
-        self.report_client_failure(reason)
+            reason = f"rank {rank} of this {self.role}'s DDP processes {how}"
+        if self.role == "client":
+            self.report_client_failure(reason)
+        else:
+            self.abort_clients(reason)
 
 
 class _ReportingLauncher(_SubprocessScriptLauncher):

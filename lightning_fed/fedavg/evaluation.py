@@ -292,6 +292,10 @@ def _merged_metric(
         return None
     metric = copy.deepcopy(target)
     metric.reset()
+    # The clients' states are all here: no sync with this party's other DDP ranks
+    # (only the aggregator's rank 0 merges).
+    metric.sync_on_compute = False
+    metric._to_sync = False
     for client, evaluation in reporting:
         state = evaluation.states[name]
         if state.path != first.path or state.cls != first.cls:

@@ -56,6 +56,7 @@ class Party:
     """
 
     config: FedAvgConfig
+    task_id: str
     node_id: str
     channel: Channel | None
     output_dir: Path

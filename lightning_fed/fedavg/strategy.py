@@ -207,12 +207,6 @@ class FedAvgStrategy(PartyStrategy):
             evaluate_on_clients=evaluate_on_clients,
             optimizer_state=optimizer_state,
         )
-        if strategy is not None and config.role == "aggregator":
-            raise SettingError(
-                f"strategy={strategy!r} is set on the aggregator, which runs in one process "
-                "for now; hint: leave strategy out on the aggregator (its clients can train "
-                "with strategy='ddp')"
-            )
         if type(self) is FedAvgStrategy:  # become the engine for ``strategy``
             from lightning_fed.fedavg.engines import engine_class
 
@@ -295,11 +289,16 @@ class FedAvgStrategy(PartyStrategy):
         module = self.lightning_module
         assert module is not None
         party = Party(
-            self.config, self.node_id, channel, self.output_dir(trainer), self.state_dir(trainer)
+            self.config,
+            self.task_id,
+            self.node_id,
+            channel,
+            self.output_dir(trainer),
+            self.state_dir(trainer),
         )
         hooks: AggregatorHooks | ClientHooks
         if self.role == "aggregator":
-            hooks = AggregatorHooks(party, self._outcome, self.algorithm)
+            hooks = AggregatorHooks(party, self._outcome, self.algorithm, ranks)
             self._setup_aggregator_loop(trainer)
         else:
             hooks = ClientHooks(party, self._outcome, ranks)
@@ -375,7 +374,8 @@ class FedAvgStrategy(PartyStrategy):
         if clients is None or report is None:
             return  # not the test right after this process's federation
         report["test_metrics"] = scalar_metrics(trainer.callback_metrics)
-        save_report(report, self.output_dir(trainer) / "report.json")
+        if Ranks(self).is_zero:
+            save_report(report, self.output_dir(trainer) / "report.json")
         if self.config.evaluate_on_clients:
             return  # collect_client_tests() publishes, with the clients' tests merged
         self._outcome.test_report_due = None
@@ -384,7 +384,9 @@ class FedAvgStrategy(PartyStrategy):
     def _publish(
         self, trainer: pl.Trainer, report: dict[str, Any], clients: dict[str, str]
     ) -> None:
-        """Send the report with the final test's metrics to the clients that finished."""
+        """Rank 0: send the report with the final test's metrics to the clients that finished."""
+        if not Ranks(self).is_zero:
+            return
         compact = {k: v for k, v in report.items() if k != "rounds"}
         try:
             channel = self._open_channel(trainer)
@@ -446,6 +448,27 @@ class FedAvgStrategy(PartyStrategy):
             log.warning("client %s: could not tell the aggregator: %s", self.node_id, exc)
         else:
             log.info("client %s: told the aggregator that this client stopped", self.node_id)
+
+    def abort_clients(self, reason: str) -> None:
+        """Aggregator, global rank 0: tell every client that the federation failed, once.
+
+        Uses a channel of its own (the caller may be a thread watching the ranks while
+        the training thread holds the party's). Never raises.
+        """
+        if self._failure_reported:
+            return
+        self._failure_reported = True
+        hooks = self._hooks
+        clients = dict(hooks.role.clients) if isinstance(hooks, AggregatorHooks) else {}
+        try:
+            with self.endpoint.make_channel(max_blob_bytes=self.max_model_bytes) as fresh:
+                AggregatorRole(fresh, self.config, clients).abort(
+                    f"the aggregator stopped: {reason}"
+                )
+        except Exception as exc:  # never hide the original failure
+            log.warning("aggregator: could not tell the clients about the failure: %s", exc)
+        else:
+            log.info("aggregator: told the clients that the federation stopped")
 
     def _current_state_dir(self) -> Path | None:
         if self._state_dir is not None:
@@ -542,15 +565,20 @@ class FedAvgStrategy(PartyStrategy):
             )
         self._outcome.test_report_due = None
         rounds = self._final_round()
-        channel = self._open_channel(trainer)
-        try:
-            role = AggregatorRole(
-                channel, self.config, clients, early=self._outcome.early_evaluations
-            )
-            evaluations = role.collect_evaluations(rounds, "test", timeout)
-        finally:
-            channel.close()
-            self._channel = None
+        ranks = Ranks(self)
+
+        def collect() -> dict[str, Evaluation]:  # rank 0
+            channel = self._open_channel(trainer)
+            try:
+                role = AggregatorRole(
+                    channel, self.config, clients, early=self._outcome.early_evaluations
+                )
+                return role.collect_evaluations(rounds, "test", timeout)
+            finally:
+                channel.close()
+                self._channel = None
+
+        evaluations = ranks.from_zero(collect)
         module = self.lightning_module
         assert module is not None
         merged, exact = merge(module, evaluations.items())
@@ -558,7 +586,8 @@ class FedAvgStrategy(PartyStrategy):
         report["federated_test_metrics"] = merged
         report["federated_test_exact"] = exact
         report["federated_test_clients"] = sorted(e for e, v in evaluations.items() if v.samples)
-        save_report(report, self.output_dir(trainer) / "report.json")
+        if ranks.is_zero:
+            save_report(report, self.output_dir(trainer) / "report.json")
         for logger in trainer.loggers:
             logger.log_metrics({f"federated/{k}": v for k, v in merged.items()}, step=rounds)
         log.info(

@@ -295,6 +295,8 @@ def run_party(
             holdout = DataLoader(dataset(999, 128), batch_size=128)
             trainer.fit(model, val_dataloaders=holdout)
             trainer.test(model, dataloaders=holdout, verbose=False)
+            if party.get("collect_tests"):  # evaluate_on_clients: their tests, merged
+                strategy.collect_client_tests(timeout=120)
         else:
             val = party.get("val")  # (seed, n, shift) of a noisy validation set
             trainer.fit(

@@ -6,6 +6,7 @@ parties are spawned processes, as in test_federation.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,6 +16,9 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
+
+from tests.fedavg import parties
 
 pytestmark = pytest.mark.slow
 FAST = {"schedule_timeout": 120, "calculation_timeout": 120}
@@ -95,3 +99,87 @@ def test_recovery_with_a_ddp_client_the_client_carries_on(fed: Any) -> None:
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4, 5]
     assert all(r["samples"]["c1"] == 64 for r in report["rounds"])
     assert "resuming after round 2" in f.log("agg")
+
+
+# -- the aggregator on 2 DDP ranks: it validates and tests its holdout's shards -------------
+VAL = {"c1": (11, 48, 0.0), "c2": (12, 40, 0.5)}  # (seed, n, shift) of each client's data
+TEST = {"c1": (21, 40, 0.0), "c2": (22, 48, -0.5)}
+
+
+def _metrics(final: dict[str, torch.Tensor], *sets: TensorDataset) -> dict[str, float]:
+    """The final model's accuracy and AUROC on the sets pooled, computed here."""
+    from torchmetrics.functional.classification import binary_accuracy, binary_auroc
+
+    model = parties.MetricNet()
+    model.load_state_dict(final)
+    x = torch.cat([d.tensors[0] for d in sets])
+    y = torch.cat([d.tensors[1] for d in sets])
+    with torch.no_grad():
+        scores = model(x).softmax(dim=1)[:, 1]
+    return {"acc": float(binary_accuracy(scores, y)), "auroc": float(binary_auroc(scores, y))}
+
+
+def test_a_ddp_aggregator_validates_and_tests_its_whole_holdout(fed: Any) -> None:
+    """Rank 0 runs the rounds; each of 2 ranks validates and tests half of the holdout
+    with the same global model; torchmetrics' synchronised states (and a float logged
+    with ``sync_dist``) give the metrics of the whole holdout, and the clients'
+    evaluations merge on rank 0 as in one process."""
+    f = fed("c1", "c2")
+    for i, c in enumerate(("c1", "c2")):
+        party = {"data_seed": i + 1, "model": "metrics", "val": VAL[c], "test": TEST[c]}
+        f.start(c, "client", FAST, party)
+    settings = {**DDP, "rounds": 3, "min_clients": 2, "evaluate_on_clients": True}
+    f.start("agg", "aggregator", settings, {"model": "metrics", "collect_tests": True, **TWO_CPUS})
+    codes = f.wait(600)
+    assert codes == {"c1": 0, "c2": 0, "agg": 0}, f.log("agg") + f.log("c1")
+    report = f.report()
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert all(r["samples"] == {"c1": 64, "c2": 64} for r in report["rounds"])
+    final = _weights(f.out("agg") / "final.safetensors")
+    holdout = _metrics(final, parties.dataset(999, 128))  # the aggregator's own data
+    last = report["rounds"][-1]["metrics"]  # its validation of the final global model
+    assert last["val_acc"] == pytest.approx(holdout["acc"], abs=1e-6)
+    assert last["val_auroc"] == pytest.approx(holdout["auroc"], abs=1e-6)
+    assert report["test_metrics"]["test_auroc"] == pytest.approx(holdout["auroc"], abs=1e-6)
+    assert report["test_metrics"]["test_acc"] == pytest.approx(holdout["acc"], abs=1e-6)
+    validated = _metrics(final, *(parties.noisy_dataset(*v) for v in VAL.values()))
+    federated = report["final_federated_metrics"]
+    assert federated["val_acc"] == pytest.approx(validated["acc"], abs=1e-6)
+    assert federated["val_auroc"] == pytest.approx(validated["auroc"], abs=1e-6)
+    assert all("federated_metrics" in r for r in report["rounds"])
+    tested = _metrics(final, *(parties.noisy_dataset(*t) for t in TEST.values()))
+    assert report["federated_test_clients"] == ["c1", "c2"]
+    federated_test = report["federated_test_metrics"]["test_auroc"]
+    assert federated_test == pytest.approx(tested["auroc"], abs=1e-6)
+    theirs = json.loads((f.out("c1") / "report.json").read_text())
+    assert theirs["test_metrics"] == report["test_metrics"]  # rank 0 published the report
+    assert theirs["federated_test_metrics"] == report["federated_test_metrics"]
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("raise_on_rank", "rank 1: RuntimeError: rank 1 ran out of memory in round 2"),
+        ("die_on_rank", "rank 1 of this aggregator's DDP processes was killed by SIGKILL"),
+    ],
+    ids=["raises", "killed"],
+)
+def test_a_failing_aggregator_rank_aborts_the_clients_with_its_reason(
+    fed: Any, how: str, reason: str
+) -> None:
+    f = fed("c1", "c2")
+    f.start("c1", "client", FAST, {"data_seed": 1})
+    f.start("c2", "client", FAST, {"data_seed": 2})
+    f.start(
+        "agg",
+        "aggregator",
+        {**DDP, "rounds": 4, "min_clients": 2},
+        {"opts": {how: [2, 1]}, **TWO_CPUS},
+    )
+    started = time.monotonic()
+    codes = f.wait(600)
+    took = time.monotonic() - started
+    assert codes["c1"] != 0 and codes["c2"] != 0 and codes["agg"] != 0, codes
+    for client in ("c1", "c2"):
+        assert reason in f.log(client), f.log(client)
+    assert took < FAST["calculation_timeout"], took  # told at once, not after a timeout
