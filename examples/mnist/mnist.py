@@ -1,18 +1,30 @@
 """MNIST, seed-faithful: the seed's ConvNet, 2 clients, 5 rounds, SGD lr 0.01 momentum 0.9.
 
-Data: on a connected machine, torchvision's MNIST (``source="torchvision"``) with the
-60,000 training images shared among clients and the 10,000 test images held out by the
-aggregator. Offline (the default here), the 10,000-image IDX split in
-``../shared/data/mnist``: the first 8,000 images are shared among the clients, the
-last 2,000 are the aggregator's holdout. The IDX files are read directly (no
-torchvision needed).
+Data, two ways of reading the same IDX files:
+
+- ``source="idx"`` (the default): the gzipped IDX files in ``root`` read directly,
+  no torchvision needed. Offline this is the 10,000-image test split in
+  ``../shared/data/mnist``.
+- ``source="torchvision"``: ``torchvision.datasets.MNIST`` over ``root`` laid out as
+  torchvision expects (``root/MNIST/raw/*-ubyte``), with torchvision's transforms
+  (and optional training augmentation). ``download=True`` fetches the full dataset
+  on a connected machine; ``python examples/mnist/mnist.py DIR`` lays the offline
+  test split out under ``DIR`` for torchvision.
+
+When the 60,000 training images are there (torchvision, downloaded), they are shared
+among the clients and the 10,000 test images are the aggregator's holdout, as in the
+seed. With the test split only, its first ``train_pool`` (8,000) images are shared
+among the clients and the last 2,000 are the holdout.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
 import numpy as np
@@ -27,6 +39,10 @@ from lightning_fed.fedavg import dirichlet_partition, iid_partition
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
 MEAN, STD = 0.1307, 0.3081  # the seed's Normalize((0.1307,), (0.3081,))
+IDX_FILES = {  # split -> (images, labels), as MNIST's files are named
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -51,6 +67,90 @@ def mnist_tensors(root: str | os.PathLike[str], prefix: str = "t10k") -> TensorD
     labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
     x = (torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255.0 - MEAN) / STD
     return TensorDataset(x, torch.tensor(labels, dtype=torch.int64))
+
+
+def layout_for_torchvision(
+    into: str | os.PathLike[str], source: str | os.PathLike[str] = DEFAULT_ROOT
+) -> Path:
+    """Lay ``source``'s gzipped IDX files out as torchvision expects: ``into/MNIST/raw``.
+
+    torchvision reads the unpacked files (``t10k-images-idx3-ubyte``, ...); the splits
+    present in ``source`` are unpacked, the others left out. Returns ``into``.
+    """
+    raw = Path(into) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    found = 0
+    for names in IDX_FILES.values():
+        for name in names:
+            packed = Path(source) / f"{name}.gz"
+            if packed.exists():
+                with gzip.open(packed, "rb") as src, open(raw / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                found += 1
+    if not found:
+        raise FileNotFoundError(
+            f"no MNIST IDX file (*-ubyte.gz) in {source}; point source at the folder "
+            "that holds t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
+        )
+    return Path(into)
+
+
+def has_split(root: str | os.PathLike[str], split: str) -> bool:
+    """Whether ``root/MNIST/raw`` holds both unpacked files of ``split`` ("train", "t10k")."""
+    return all((Path(root) / "MNIST" / "raw" / name).exists() for name in IDX_FILES[split])
+
+
+def vision_transforms(augment: bool = False) -> Any:
+    """torchvision transforms: to a float image in [0, 1], the seed's normalisation.
+
+    ``augment`` adds a small random rotation and shift for training images.
+    """
+    from torchvision.transforms import v2
+
+    steps: list[Any] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if augment:
+        steps.append(v2.RandomAffine(degrees=10, translate=(0.1, 0.1)))
+    steps.append(v2.Normalize((MEAN,), (STD,)))
+    return v2.Compose(steps)
+
+
+def torchvision_mnist(
+    root: str | os.PathLike[str], train: bool, transform: Any = None, download: bool = False
+) -> torch.utils.data.Dataset:
+    """``torchvision.datasets.MNIST`` that needs only the files of the split it reads.
+
+    torchvision's own check wants all four files; offline only the test split exists.
+    """
+    from torchvision import datasets
+
+    class MnistSplit(datasets.MNIST):
+        @property
+        @override
+        def raw_folder(self) -> str:  # torchvision names it after the class
+            return os.path.join(self.root, "MNIST", "raw")
+
+        @override
+        def _check_exists(self) -> bool:
+            return has_split(self.root, "train" if self.train else "t10k")
+
+    split = "train" if train else "t10k"
+    if not download and not has_split(root, split):
+        raise FileNotFoundError(
+            f"torchvision's MNIST {split} split is not under {Path(root) / 'MNIST' / 'raw'}; "
+            f"lay the IDX files out with `python examples/mnist/mnist.py {root}`, or pass "
+            "download=True on a connected machine"
+        )
+    return MnistSplit(str(root), train=train, transform=transform, download=download)
+
+
+def labels_of(dataset: torch.utils.data.Dataset) -> list[int]:
+    """Every label of an MNIST dataset or a Subset of one, without reading the images."""
+    if isinstance(dataset, Subset):
+        inner = labels_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, TensorDataset):
+        return [int(y) for y in dataset.tensors[1].tolist()]
+    return [int(y) for y in dataset.targets]  # type: ignore[attr-defined]
 
 
 class ConvNet(L.LightningModule):
@@ -113,13 +213,16 @@ class MnistData(L.LightningDataModule):
     Args:
         client_index: this client's share (0-based), None for the aggregator's holdout.
         num_clients: how many clients share the training pool.
-        source: ``"idx"`` (offline, ``root``'s t10k files split 8,000/2,000) or
-            ``"torchvision"`` (the full dataset; needs torchvision and a download).
-        root: folder of the IDX files, or torchvision's download folder.
+        source: ``"idx"`` (``root``'s gzipped IDX files, read directly) or
+            ``"torchvision"`` (``torchvision.datasets.MNIST`` over ``root/MNIST/raw``).
+        root: folder of the gzipped IDX files, or torchvision's dataset folder.
         batch_size: the seed's 128.
+        train_pool: with the test split only, how many of its images the clients share.
         seed: seeds the client shares (the same on every party).
         dirichlet_alpha: None for IID shares; else label-skewed shares, each class
             split by proportions drawn from Dir(alpha) (0.1: a few classes per client).
+        augment: random rotation and shift of training images (``source="torchvision"``).
+        download: let torchvision download the full dataset into ``root``.
     """
 
     def __init__(
@@ -132,26 +235,36 @@ class MnistData(L.LightningDataModule):
         train_pool: int = 8000,
         seed: int = 0,
         dirichlet_alpha: float | None = None,
+        augment: bool = False,
+        download: bool = False,
     ) -> None:
         super().__init__()
         if source not in ("idx", "torchvision"):
             raise ValueError(f"source must be 'idx' or 'torchvision', got {source!r}")
+        if source == "idx" and (augment or download):
+            raise ValueError(
+                "augment and download need source='torchvision' (the IDX reader has no "
+                "transforms and reads local files only)"
+            )
         self.client_index, self.num_clients = client_index, num_clients
         self.source, self.root = source, root
         self.batch_size, self.train_pool, self.seed = batch_size, train_pool, seed
-        self.dirichlet_alpha = dirichlet_alpha
+        self.dirichlet_alpha, self.augment, self.download = dirichlet_alpha, augment, download
 
     def _pool_and_holdout(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
-        if self.source == "torchvision":  # pragma: no cover - needs a connected machine
-            from torchvision import datasets, transforms
-
-            tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
-            train = datasets.MNIST(self.root, train=True, download=True, transform=tf)
-            test = datasets.MNIST(self.root, train=False, download=True, transform=tf)
-            return train, test
-        data = mnist_tensors(self.root)
-        n = len(data)
-        return Subset(data, range(self.train_pool)), Subset(data, range(self.train_pool, n))
+        if self.source == "idx":
+            data = mnist_tensors(self.root)
+            return Subset(data, range(self.train_pool)), Subset(
+                data, range(self.train_pool, len(data))
+            )
+        train_tf, eval_tf = vision_transforms(self.augment), vision_transforms()
+        holdout = torchvision_mnist(self.root, False, eval_tf, self.download)
+        if self.download or has_split(self.root, "train"):  # the seed's 60,000 / 10,000
+            return torchvision_mnist(self.root, True, train_tf, self.download), holdout
+        pool = torchvision_mnist(self.root, False, train_tf)
+        return Subset(pool, range(self.train_pool)), Subset(
+            holdout, range(self.train_pool, len(holdout))
+        )  # type: ignore[arg-type]
 
     @override
     def setup(self, stage: str) -> None:
@@ -162,9 +275,12 @@ class MnistData(L.LightningDataModule):
         if self.dirichlet_alpha is None:
             parts = iid_partition(len(pool), self.num_clients, seed=self.seed)  # type: ignore[arg-type]
         else:
-            labels = [int(pool[i][1]) for i in range(len(pool))]  # type: ignore[arg-type]
             parts = dirichlet_partition(
-                labels, self.num_clients, alpha=self.dirichlet_alpha, seed=self.seed, min_size=10
+                labels_of(pool),
+                self.num_clients,
+                alpha=self.dirichlet_alpha,
+                seed=self.seed,
+                min_size=10,
             )
         self.train = Subset(pool, parts[self.client_index])
 
@@ -179,3 +295,15 @@ class MnistData(L.LightningDataModule):
     @override
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.holdout, batch_size=1000)
+
+
+if __name__ == "__main__":  # python examples/mnist/mnist.py DIR [SOURCE]
+    if len(sys.argv) not in (2, 3):
+        sys.exit(
+            "usage: python examples/mnist/mnist.py DIR [IDX_FOLDER]: lay MNIST out for torchvision"
+        )
+    into = layout_for_torchvision(sys.argv[1], *sys.argv[2:])
+    print(
+        f"MNIST laid out for torchvision under {into / 'MNIST' / 'raw'}: "
+        f"use --data.source=torchvision --data.root={into}"
+    )

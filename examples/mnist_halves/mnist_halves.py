@@ -12,8 +12,9 @@ Data:
   the host holds IDs 0-8999, the collaborator 1000-9999, so the private set
   intersection leaves 8,000 common images, 20% of them held out for validation
   and test;
-- on a connected machine (``source: torchvision``), torchvision's MNIST with the
-  seed's ID ranges: training images are IDs 0-59999 and test images 100000 + index;
+- ``source: torchvision``, torchvision's MNIST (both splits, laid out under
+  ``root/MNIST/raw`` or downloaded there with ``download: true``) and its transforms,
+  with the seed's ID ranges: training images are IDs 0-59999 and test images 100000 + index;
   the host holds 0-19999 and 100000-104999, the collaborator 10000-29999 and
   103000-106999; the intersection's training IDs train and its test IDs test
   (``SeedSplit``).
@@ -36,7 +37,13 @@ from lightning_fed.hetero import HeteroDataModule, HeteroNNModule
 from lightning_fed.hetero.secure import SecureHeteroNNModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mnist"))
-from mnist import DEFAULT_ROOT, MEAN, STD, mnist_tensors  # the sibling example
+from mnist import (  # the sibling example
+    DEFAULT_ROOT,
+    has_split,
+    mnist_tensors,
+    torchvision_mnist,
+    vision_transforms,
+)
 
 WIDTH = 20  # each half's feature width; the host adds the two up
 TEST_OFFSET = 100_000  # the seed's IDs of torchvision's test images
@@ -47,18 +54,22 @@ SEED_RANGES = {  # the seed's (train, test) ID ranges per side, inclusive
 
 
 @cache
-def _images(source: str, root: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _images(source: str, root: str, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised (N, 1, 28, 28) images and labels, by ID (see the module docstring)."""
     if source == "idx":
         data = mnist_tensors(root)
         return data.tensors[0], data.tensors[1]
-    from torchvision import datasets, transforms  # pragma: no cover - needs a connection
-
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
-    parts = [datasets.MNIST(root, train=t, download=True, transform=tf) for t in (True, False)]
-    xs = [torch.stack([img for img, _ in p]) for p in parts]
-    ys = [torch.tensor([int(y) for _, y in p]) for p in parts]
-    return torch.cat(xs), torch.cat(ys)  # test image i is row 60000 + i
+    if not download and not has_split(root, "train"):
+        raise FileNotFoundError(
+            f"source torchvision uses the seed's ID ranges over both MNIST splits, but the "
+            f"training split is not under {Path(root) / 'MNIST' / 'raw'}; pass download: true "
+            "on a connected machine, or use source: idx offline"
+        )
+    tf = vision_transforms()
+    parts = [torchvision_mnist(root, train, download=download) for train in (True, False)]
+    xs = [tf(p.data.unsqueeze(1)) for p in parts]  # type: ignore[attr-defined]
+    ys = [p.targets for p in parts]  # type: ignore[attr-defined]
+    return torch.cat(xs).as_subclass(torch.Tensor), torch.cat(ys)  # test image i: row 60000 + i
 
 
 class MnistHalf(HeteroDataModule):
@@ -68,9 +79,10 @@ class MnistHalf(HeteroDataModule):
         side: ``"left"`` (the host: pixels and labels) or ``"right"``.
         first_id, last_id: the inclusive ID range this party holds (``source: idx``).
         source: ``"idx"`` (offline) or ``"torchvision"`` (the seed's data and ID ranges).
-        root: the IDX folder, or torchvision's download folder.
+        root: the IDX folder, or torchvision's dataset folder.
         batch_size: the seed's 128.
         test_fraction, seed: the default seeded train/test split (``source: idx``).
+        download: let torchvision download MNIST into ``root`` (``source: torchvision``).
     """
 
     def __init__(
@@ -83,6 +95,7 @@ class MnistHalf(HeteroDataModule):
         batch_size: int = 128,
         test_fraction: float = 0.2,
         seed: int = 0,
+        download: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, test_fraction=test_fraction, seed=seed)
         if side not in ("left", "right"):
@@ -90,24 +103,24 @@ class MnistHalf(HeteroDataModule):
         if source not in ("idx", "torchvision"):
             raise ValueError(f"source must be 'idx' or 'torchvision', got {source!r}")
         self.side, self.first_id, self.last_id = side, first_id, last_id
-        self.source, self.root = source, root
+        self.source, self.root, self.download = source, root, download
 
     @override
     def local_ids(self) -> list[int]:
-        if self.source == "torchvision":  # pragma: no cover - needs a connection
+        if self.source == "torchvision":
             (a, b), (c, d) = SEED_RANGES[self.side]
             return [*range(a, b + 1), *range(c, d + 1)]
         return list(range(self.first_id, self.last_id + 1))
 
     @override
     def split_dataset(self, ids: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-        if self.source == "torchvision":  # pragma: no cover - the seed's split
+        if self.source == "torchvision":  # the seed's split
             return [i for i in ids if i < TEST_OFFSET], [i for i in ids if i >= TEST_OFFSET]
         return super().split_dataset(ids)
 
     @override
     def get_item(self, id: Any) -> Any:
-        x, y = _images(self.source, self.root)
+        x, y = _images(self.source, self.root, self.download)
         row = int(id) if int(id) < TEST_OFFSET else 60_000 + int(id) - TEST_OFFSET
         half = x[row, :, :, :14] if self.side == "left" else x[row, :, :, 14:]
         return (half, y[row]) if self.side == "left" else half
