@@ -48,7 +48,8 @@ def engine_class(name: str | None) -> type[FedAvgStrategy]:
         return FedAvgDDP
     hint = (
         "FSDP and DeepSpeed shard the model across ranks, and a party's update must be "
-        "the whole model; they are not supported yet"
+        "the whole model; they are not supported yet (both need GPUs, on which this "
+        "release is untested); use 'ddp'"
         if isinstance(name, str) and name.startswith(("fsdp", "deepspeed"))
         else "a ddp variant such as 'ddp_spawn' runs the party in processes that cannot "
         "hold its channel; use 'ddp'"
