@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import socket
 import time
@@ -15,8 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_fed.ranks import Ranks, leave_reason, peer_reason
-
-CTX = mp.get_context("spawn")
+from tests.processes import CTX
 
 
 class _Group:

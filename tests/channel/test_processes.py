@@ -4,7 +4,6 @@ duplicate nothing while each sender's order is kept."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
 import time
 from pathlib import Path
@@ -15,9 +14,9 @@ import torch
 from lightning_fed.channel import Channel, NodeIdentity, TaskConfig
 from tests.channel import workers
 from tests.conftest import Backend
+from tests.processes import CTX as SPAWN
 
 pytestmark = pytest.mark.slow
-SPAWN = mp.get_context("spawn")
 
 
 def _keys(tmp_path: Path, *nodes: str) -> tuple[str, TaskConfig]:

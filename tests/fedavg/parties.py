@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -27,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from tests.processes import CTX
+
 FEATURES = 6
-CTX = mp.get_context("spawn")
 
 
 def dataset(seed: int, n: int) -> TensorDataset:

@@ -7,7 +7,6 @@ over a local-directory channel.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import signal
 import time
@@ -19,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.fedavg import parties
+from tests.processes import CTX
 
 pytestmark = pytest.mark.slow
-CTX = mp.get_context("spawn")
+
 FAST = {"schedule_timeout": 60, "calculation_timeout": 60}
 
 

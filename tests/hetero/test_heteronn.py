@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,9 @@ from torch.utils.data import DataLoader
 
 from lightning_fed.simulate import make_keys
 from tests.hetero import parties
+from tests.processes import CTX
 
 pytestmark = pytest.mark.slow
-CTX = mp.get_context("spawn")
 
 
 def run(root: Path, ranges: dict[str, Any], timeout: float = 240, **opts: Any) -> dict[str, Any]:

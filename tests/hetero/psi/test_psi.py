@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,7 @@ from lightning_fed.hetero.psi import InvalidPointError, PsiKey, encode_id, hash_
 from lightning_fed.hetero.psi.ecdh import check_unique, members, point_set
 from lightning_fed.simulate import make_keys
 from tests.hetero.psi import parties
-
-CTX = mp.get_context("spawn")
-
+from tests.processes import CTX
 
 # -- the maths -------------------------------------------------------------------------
 
