@@ -47,7 +47,7 @@ ALGORITHMS: list[tuple[str, str, dict[str, Any]]] = [
     ("FedYogi", "lightning_fed.algorithms.FedYogi", {"lr": 0.01}),
     ("FedAdagrad", "lightning_fed.algorithms.FedAdagrad", {"lr": 0.01}),
     ("FedProx", "lightning_fed.algorithms.FedProx", {"mu": 0.01}),
-    ("SCAFFOLD", "lightning_fed.algorithms.Scaffold", {}),
+    ("SCAFFOLD", "lightning_fed.algorithms.Scaffold", {}),  # control="gradients"
     ("Median", "lightning_fed.algorithms.Median", {}),
     ("TrimmedMean", "lightning_fed.algorithms.TrimmedMean", {"beta": 0.2}),
     ("Krum", "lightning_fed.algorithms.Krum", {"byzantine": 1, "select": 3}),

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fed.algorithms import ClientRound, FedProx, ModelSpec, Scaffold
 from lightning_fed.algorithms.fedprox import proximal_gradient
-from lightning_fed.algorithms.scaffold import ScaffoldClient, control_update
+from lightning_fed.algorithms.scaffold import ScaffoldClient, control_update, mean_gradient
 
 LR = 0.05
 Term = Callable[[nn.Module], torch.Tensor]
@@ -168,10 +168,13 @@ def _steps(accumulate: int, manual: bool) -> int:
     return 2 * (batches if manual else -(-batches // accumulate))
 
 
+@pytest.mark.parametrize("control", ["displacement", "gradients"])
 @pytest.mark.parametrize(("precision", "accumulate", "manual"), SETTINGS)
 def test_scaffold_correction_and_control_update(
-    precision: str, accumulate: int, manual: bool
+    precision: str, accumulate: int, manual: bool, control: str
 ) -> None:
+    """Both control estimates give option II's control under plain SGD: ``gradients``
+    as the mean raw gradient of the steps, ``displacement`` from how far the model moved."""
     base = Net()
     g = torch.Generator().manual_seed(7)
     names = [n for n, _ in base.named_parameters()]
@@ -180,8 +183,8 @@ def test_scaffold_correction_and_control_update(
     x = {k: v.clone() for k, v in base.state_dict().items()}
 
     ours = Net(manual)
-    client = Scaffold().client()
-    assert isinstance(client, ScaffoldClient)
+    client = Scaffold(control=control).client()
+    assert isinstance(client, ScaffoldClient) and client.control == control
     client.c_local = {k: v.clone() for k, v in c_local.items()}
     client.start_round(ClientRound(1, ours, spec_of(ours), x, c))
     fit(ours, precision, accumulate, [client])
@@ -239,6 +242,15 @@ def test_control_update_without_steps_keeps_the_control() -> None:
     assert torch.equal(
         control_update(c_local, torch.randn(3), torch.randn(3), torch.randn(3), 0.0), c_local
     )
+    assert torch.equal(mean_gradient(c_local, torch.randn(3), 0), c_local)
+    assert torch.equal(mean_gradient(c_local, torch.full((3,), 6.0), 3), torch.full((3,), 2.0))
+
+
+def test_scaffold_refuses_an_unknown_control_estimate() -> None:
+    from lightning_fed.algorithms import AlgorithmError
+
+    with pytest.raises(AlgorithmError, match="'displacement' is the paper's option II"):
+        Scaffold(control="option1")
 
 
 def test_scaffold_refuses_a_round_without_fitting_controls() -> None:
@@ -252,7 +264,7 @@ def test_scaffold_refuses_a_round_without_fitting_controls() -> None:
 
 
 def test_scaffold_counts_momentum_in_the_control_update() -> None:
-    """With heavy-ball momentum m each step moves a parameter lr / (1 - m) per unit of
+    """Option II: with heavy-ball momentum m each step moves a parameter lr / (1 - m) per unit of
     gradient: the control update divides by that, else c_i comes out 10x too large."""
     momentum = 0.9
     base = Net()
@@ -260,7 +272,7 @@ def test_scaffold_counts_momentum_in_the_control_update() -> None:
     c = {f"c/{n}": torch.randn(p.shape, generator=g) * 0.1 for n, p in base.named_parameters()}
     x = {k: v.clone() for k, v in base.state_dict().items()}
     ours = Net(momentum=momentum)
-    client = Scaffold().client()
+    client = Scaffold(control="displacement").client()  # option II
     assert isinstance(client, ScaffoldClient)
     client.start_round(ClientRound(1, ours, spec_of(ours), x, c))
     fit(ours, "32-true", 1, [client])
