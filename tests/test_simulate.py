@@ -20,20 +20,23 @@ DIGITS = ROOT / "examples" / "digits"
 pytestmark = pytest.mark.timeout(240)
 
 
-def simulate_command(workdir: Path, *extra: str, clients: int = 2) -> list[str]:
+def simulate_command(
+    workdir: Path, *extra: str, clients: int = 2, example: Path = DIGITS, task_id: str = "sim"
+) -> list[str]:
+    """``lightning-fed simulate`` of an example's aggregator.yaml and client.yaml."""
     return [
         sys.executable,
         "-m",
         "lightning_fed.cli",
         "simulate",
         "--aggregator",
-        str(DIGITS / "aggregator.yaml"),
+        str(example / "aggregator.yaml"),
         "--client",
-        str(DIGITS / "client.yaml"),
+        str(example / "client.yaml"),
         "--clients",
         str(clients),
         "--task-id",
-        "sim",
+        task_id,
         "--workdir",
         str(workdir),
         *extra,

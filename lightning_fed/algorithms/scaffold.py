@@ -198,18 +198,20 @@ class ScaffoldClient(ClientAlgorithm):
                 self.c_local[n] = torch.zeros(spec.shape, dtype=spec.dtype)
         self._round = start.round
         self._c = {n: start.tensors[f"c/{n}"] for n in self._names}
-        self._x = {
-            n: start.global_state[n].detach().to(specs[n].dtype).clone() for n in self._names
-        }
+        if self.control == "displacement":  # option II needs where the round started
+            self._x = {
+                n: start.global_state[n].detach().to(specs[n].dtype).clone() for n in self._names
+            }
         self._params = dict(start.module.named_parameters())
         self._correction, self._lr_sum, self._grad_sum, self._steps = {}, {}, {}, {}
         for n in self._names:
             p = self._params[n]
             self._correction[id(p)] = (self._c[n] - self.c_local[n]).to(p.device, p.dtype)
-            self._lr_sum[id(p)] = 0.0
             if self.control == "gradients":
                 self._grad_sum[id(p)] = torch.zeros(p.shape, dtype=specs[n].dtype, device=p.device)
                 self._steps[id(p)] = 0
+            else:
+                self._lr_sum[id(p)] = 0.0
 
     @override
     def on_before_optimizer_step(
@@ -223,8 +225,9 @@ class ScaffoldClient(ClientAlgorithm):
             if total is not None:  # the raw gradient, before the correction
                 total.add_(p.grad)  # type: ignore[arg-type]
                 self._steps[id(p)] += 1
+            else:
+                self._lr_sum[id(p)] += effective_lr(group, optimizer)
             p.grad.add_(correction)  # type: ignore[union-attr]
-            self._lr_sum[id(p)] += effective_lr(group, optimizer)
 
     @override
     def finish_round(self, module: pl.LightningModule) -> Tensors:

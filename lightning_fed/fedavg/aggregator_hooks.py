@@ -298,7 +298,7 @@ class AggregatorHooks(RoleHooks):
         evaluations: dict[str, Evaluation] = {}  # rank 0's
         final_round = len(self.history) if self.config.evaluate_on_clients else None
 
-        def finish() -> dict[str, str]:  # rank 0
+        def finish() -> tuple[dict[str, Any], dict[str, str]]:  # rank 0
             save_weights(pl_module.state_dict(), out / "final.safetensors")
             report = self.report(trainer, pl_module)
             save_report(report, out / "report.json")
@@ -306,14 +306,15 @@ class AggregatorHooks(RoleHooks):
             self.role.finish(federated_state(pl_module, self.names), compact, final_round)
             if final_round is not None:
                 evaluations.update(self.role.collect_evaluations(final_round))
-            return dict(self.role.clients)
+            return report, dict(self.role.clients)
 
-        clients = self.ranks.from_zero(finish)
-        if final_round is not None and self.ranks.is_zero:
-            self._record_federated(trainer, pl_module, final_round, evaluations)
-        report = self.ranks.from_zero(lambda: self.report(trainer, pl_module))
-        if self.ranks.is_zero:
-            save_report(report, out / "report.json")
+        report, clients = self.ranks.from_zero(finish)
+        if final_round is not None:  # the report again, with the clients' final validation
+            if self.ranks.is_zero:
+                self._record_federated(trainer, pl_module, final_round, evaluations)
+            report = self.ranks.from_zero(lambda: self.report(trainer, pl_module))
+            if self.ranks.is_zero:
+                save_report(report, out / "report.json")
         self.outcome.final_report = report
         self.outcome.test_report_due = clients
         log.info("aggregator: final model and report in %s", out)

@@ -25,6 +25,8 @@ sys.path[:0] = [str(ROOT / "examples" / "mnist"), str(ROOT / "examples" / "mnist
 from mnist import MnistData, layout_for_torchvision, mnist_tensors  # noqa: E402
 from mnist_halves import _images  # noqa: E402
 
+from tests.test_simulate import simulate_command  # noqa: E402
+
 pytestmark = [pytest.mark.vision, pytest.mark.timeout(300)]
 
 
@@ -171,26 +173,15 @@ def test_a_federation_trains_on_torchvisions_mnist(tmp_path: Path) -> None:
     ]
     workdir = tmp_path / "run"
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightning_fed.cli",
-            "simulate",
-            "--aggregator",
-            str(example / "aggregator.yaml"),
-            "--client",
-            str(example / "client.yaml"),
-            "--clients",
-            "2",
-            "--task-id",
-            "vision",
-            "--workdir",
-            str(workdir),
+        simulate_command(
+            workdir,
             "--aggregator-arg=--trainer.strategy.init_args.rounds=5",
             *(f"--aggregator-arg={a}" for a in data),
             *(f"--client-arg={a}" for a in data),
             "--client-arg=--data.init_args.augment=true",
-        ],
+            example=example,
+            task_id="vision",
+        ),
         capture_output=True,
         text=True,
         timeout=280,
