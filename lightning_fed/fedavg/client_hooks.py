@@ -194,8 +194,6 @@ class ClientHooks(RoleHooks, Checkpoint):
         metrics = scalar_metrics(trainer.callback_metrics)
         metrics["fit_seconds"] = time.monotonic() - self.fit_started  # local training time
         extras = {} if self.algorithm is None else self.algorithm.finish_round(pl_module)
-        if self.algorithm is not None and self.ranks.is_zero:
-            self._save_algorithm_state()
         tensors = with_extras(federated_state(pl_module, self.names), extras)
         evaluation, self._evaluation = self._evaluation, None
         body = None
@@ -204,6 +202,11 @@ class ClientHooks(RoleHooks, Checkpoint):
             tensors.update(states)
         self.role.upload(tensors, self.seen, metrics, body)
         del tensors, extras
+        if self.algorithm is not None and self.ranks.is_zero:
+            # After the upload, off the round's critical path: the aggregator folds the
+            # update while this is written. A crash between the two leaves the state of
+            # the previous round, as a crash just before the upload would.
+            self._save_algorithm_state()
         current = self.role.current
         round = "?" if current is None else current.round
         log.info(
