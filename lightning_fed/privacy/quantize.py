@@ -1,0 +1,118 @@
+"""Fixed-point quantisation for secure aggregation: floats to integers that sum exactly.
+
+A client's update is clipped to ``[-clip, clip]`` per coordinate and mapped to one of
+``2**bits`` levels; the aggregator sums weighted levels modulo ``2**modulus_bits``
+and maps the sum back. :func:`modulus_bits` picks a modulus that the largest possible
+sum cannot reach, so the modular sum is the true sum: overflow is impossible by
+construction, not checked after the fact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: The widest modulus whose sums stay exact in int64 (two values below 2**62 add
+#: without overflow).
+MAX_MODULUS_BITS = 62
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """Clip to ``[-clip, clip]`` and round to ``2**bits`` evenly spaced levels.
+
+    Attributes:
+        clip: the largest magnitude a coordinate keeps; larger ones are clipped.
+        bits: levels per coordinate, as a power of two.
+    """
+
+    clip: float
+    bits: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"clip must be a finite number > 0, got {self.clip!r}")
+        if not 2 <= self.bits <= 32:
+            raise ValueError(f"bits must be in [2, 32], got {self.bits!r}")
+
+    @property
+    def levels(self) -> int:
+        return int(2**self.bits)
+
+    @property
+    def step(self) -> float:
+        """The distance between two levels."""
+        return 2 * self.clip / (self.levels - 1)
+
+    @property
+    def error_bound(self) -> float:
+        """The largest difference between a weighted mean of unclipped coordinates and
+        its dequantised secure sum: half a step (rounding to the nearest level)."""
+        return self.step / 2
+
+    def quantize(self, values: torch.Tensor) -> torch.Tensor:
+        """Levels in ``[0, 2**bits - 1]`` as int64 (values clipped first)."""
+        scaled = values.detach().to(torch.float64).clamp(-self.clip, self.clip) + self.clip
+        return torch.round(scaled / self.step).clamp_(0, self.levels - 1).to(torch.int64)
+
+    def dequantize_mean(self, level_sum: torch.Tensor, weight: float) -> torch.Tensor:
+        """The weighted mean of the quantised values from ``sum(w_i * level_i)`` and
+        ``sum(w_i)`` (float64)."""
+        return level_sum.to(torch.float64) / weight * self.step - self.clip
+
+
+def modulus_bits(bits: int, max_total_weight: int) -> int:
+    """The modulus (in bits) that no sum of up to ``max_total_weight`` weighted levels
+    of ``bits`` bits can reach: ``bits + ceil(log2(max_total_weight + 1))``.
+
+    Raises:
+        ValueError: it would exceed :data:`MAX_MODULUS_BITS`.
+    """
+    if max_total_weight < 1:
+        raise ValueError(f"max_total_weight must be >= 1, got {max_total_weight!r}")
+    need = bits + math.ceil(math.log2(max_total_weight + 1))
+    if need > MAX_MODULUS_BITS:
+        raise ValueError(
+            f"{bits} bits per coordinate with weights summing to up to {max_total_weight} "
+            f"need a {need}-bit modulus; at most {MAX_MODULUS_BITS} bits are exact; hint: "
+            "lower bits, or max_samples (the largest sample count a client may claim)"
+        )
+    return need
+
+
+def pack(values: torch.Tensor, modulus_bits: int) -> torch.Tensor:
+    """Residues (int64, each below ``2**modulus_bits``) as ``ceil(modulus_bits/8)``
+    little-endian bytes each: a uint8 tensor, the form they travel in."""
+    width = (modulus_bits + 7) // 8
+    raw = values.to(torch.int64).contiguous().view(torch.uint8).view(-1, 8)
+    if not _little_endian():
+        raw = raw.flip(1)
+    return raw[:, :width].contiguous().view(-1)
+
+
+def unpack(data: torch.Tensor, modulus_bits: int) -> torch.Tensor:
+    """The inverse of :func:`pack`.
+
+    Raises:
+        ValueError: ``data`` is not whole elements of the packed width.
+    """
+    width = (modulus_bits + 7) // 8
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() % width:
+        raise ValueError(
+            f"packed residues are a 1-D uint8 tensor of a multiple of {width} bytes, got "
+            f"{data.dtype} of shape {tuple(data.shape)}"
+        )
+    raw = torch.zeros(data.numel() // width, 8, dtype=torch.uint8)
+    raw[:, :width] = data.view(-1, width)
+    if not _little_endian():
+        raw = raw.flip(1)
+    values = raw.view(torch.int64).view(-1)
+    return values.bitwise_and_((1 << modulus_bits) - 1)
+
+
+def _little_endian() -> bool:
+    import sys
+
+    return sys.byteorder == "little"

@@ -1,0 +1,105 @@
+"""One flat vector per client: how named tensors become the integers secure aggregation
+sums, and back.
+
+The vector holds the model's tensors (each client's change to the global model,
+weighted by its sample count), then an algorithm's extras (weighted by one, as the
+plain round averages them), then the client's weight itself, so the sum gives
+``sum(n_i * delta_i)``, ``sum(extras_i)`` and ``sum(n_i)`` at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from lightning_fed.algorithms.aggregate import TensorSpec
+from lightning_fed.privacy.quantize import Quantizer
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each named tensor lies in the flat vector.
+
+    Attributes:
+        weighted: the model's tensors, in order (multiplied by the client's weight).
+        unweighted: an algorithm's extras, in order (weight one).
+        specs: every tensor's shape and dtype.
+    """
+
+    weighted: tuple[str, ...]
+    unweighted: tuple[str, ...]
+    specs: Mapping[str, TensorSpec]
+
+    @classmethod
+    def of(
+        cls, model: Mapping[str, TensorSpec], extras: Mapping[str, TensorSpec] | None = None
+    ) -> Layout:
+        extras = dict(extras or {})
+        clash = set(model) & set(extras)
+        if clash:
+            raise ValueError(f"names both in the model and the extras: {sorted(clash)}")
+        return cls(tuple(sorted(model)), tuple(sorted(extras)), {**model, **extras})
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.specs[name].shape)
+
+    @property
+    def weighted_size(self) -> int:
+        return sum(self.numel(n) for n in self.weighted)
+
+    @property
+    def size(self) -> int:
+        """Elements of the vector: every tensor, plus one for the weight."""
+        return self.weighted_size + sum(self.numel(n) for n in self.unweighted) + 1
+
+    def encode(
+        self,
+        deltas: Mapping[str, torch.Tensor],
+        extras: Mapping[str, torch.Tensor],
+        weight: int,
+        quantizer: Quantizer,
+    ) -> torch.Tensor:
+        """The int64 vector ``[weight * q(deltas), q(extras), weight]``.
+
+        Raises:
+            ValueError: a tensor is missing or does not fit its spec, or the weight is
+                not a positive integer.
+        """
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+            raise ValueError(f"a client's weight must be a positive integer, got {weight!r}")
+        parts = []
+        for names, source, w in ((self.weighted, deltas, weight), (self.unweighted, extras, 1)):
+            for name in names:
+                t = source.get(name)
+                if t is None or tuple(t.shape) != self.specs[name].shape:
+                    got = None if t is None else tuple(t.shape)
+                    raise ValueError(f"{name}: shape {got}, expected {self.specs[name].shape}")
+                parts.append(quantizer.quantize(t.reshape(-1)).mul_(w))
+        parts.append(torch.tensor([weight], dtype=torch.int64))
+        return torch.cat(parts)
+
+    def mean(
+        self, total: torch.Tensor, clients: int, quantizer: Quantizer
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        """The weighted mean of the deltas and the mean of the extras (each in its
+        tensor's dtype, at least float32), and the total weight, from the sum of
+        ``clients`` vectors."""
+        if total.numel() != self.size:
+            raise ValueError(f"a sum of {total.numel()} elements; the layout has {self.size}")
+        weight = int(total[-1])
+        if weight < 1:
+            raise ValueError(f"the summed weight is {weight}: no client was summed")
+        out: list[dict[str, torch.Tensor]] = [{}, {}]
+        offset = 0
+        for i, (names, divisor) in enumerate(((self.weighted, weight), (self.unweighted, clients))):
+            for name in names:
+                n = self.numel(name)
+                spec = self.specs[name]
+                mean = quantizer.dequantize_mean(total[offset : offset + n], divisor)
+                dtype = torch.promote_types(spec.dtype, torch.float32)
+                out[i][name] = mean.reshape(spec.shape).to(dtype)
+                offset += n
+        return out[0], out[1], weight

@@ -1,0 +1,89 @@
+"""Fixed-point encoding: the dequantised secure sum is the plain weighted mean within the
+documented bound, and the modulus makes overflow impossible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_fed.algorithms.aggregate import TensorSpec, weighted_average
+from lightning_fed.privacy.quantize import (
+    MAX_MODULUS_BITS,
+    Quantizer,
+    modulus_bits,
+    pack,
+    unpack,
+)
+from lightning_fed.privacy.vector import Layout
+
+
+def test_the_weighted_mean_survives_quantisation_within_half_a_step() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = Quantizer(clip=0.5, bits=16)
+    layout = Layout.of(
+        {"w": TensorSpec((30, 7), torch.float32), "b": TensorSpec((7,), torch.float32)}
+    )
+    clients = [
+        ({"w": torch.rand(30, 7, generator=g) - 0.5, "b": torch.rand(7, generator=g) - 0.5}, n)
+        for n in (10, 300, 7, 55)
+    ]
+    total = sum(layout.encode(d, {}, n, q) for d, n in clients)
+    mean, extras, weight = layout.mean(total, len(clients), q)
+    plain = weighted_average(clients)
+    assert weight == 372 and extras == {}
+    for name in plain:
+        err = (mean[name].double() - plain[name].double()).abs().max().item()
+        assert err <= q.error_bound * (1 + 1e-9)
+        assert mean[name].dtype == torch.float32
+    assert q.error_bound == pytest.approx(0.5 / (2**16 - 1))
+
+
+def test_clipping_bounds_every_coordinate() -> None:
+    q = Quantizer(clip=1.0, bits=8)
+    levels = q.quantize(torch.tensor([-5.0, -1.0, 0.0, 1.0, 7.0]))
+    assert levels.tolist() == [0, 0, 128, 255, 255]
+    assert q.dequantize_mean(levels, 1).tolist()[0] == -1.0
+
+
+def test_extras_are_averaged_per_client_and_the_model_per_sample() -> None:
+    q = Quantizer(clip=2.0, bits=20)
+    layout = Layout.of(
+        {"w": TensorSpec((3,), torch.float32)}, {"dc/w": TensorSpec((3,), torch.float32)}
+    )
+    a = layout.encode({"w": torch.full((3,), 1.0)}, {"dc/w": torch.full((3,), 1.0)}, 3, q)
+    b = layout.encode({"w": torch.full((3,), -1.0)}, {"dc/w": torch.full((3,), 0.0)}, 1, q)
+    mean, extras, weight = layout.mean(a + b, 2, q)
+    assert weight == 4
+    assert torch.allclose(mean["w"], torch.full((3,), 0.5), atol=q.error_bound)
+    assert torch.allclose(extras["dc/w"], torch.full((3,), 0.5), atol=q.error_bound)
+
+
+def test_the_modulus_holds_the_largest_possible_sum() -> None:
+    bits, clients, max_samples = 16, 10, 2**20
+    m = modulus_bits(bits, clients * max_samples)
+    largest = clients * max_samples * (2**bits - 1)
+    assert largest < 2**m <= 2 * largest * 2  # enough, and not wastefully more
+    with pytest.raises(ValueError, match="need a 63-bit modulus; at most 62"):
+        modulus_bits(31, 2**31)
+    assert MAX_MODULUS_BITS == 62
+
+
+def test_packing_keeps_only_the_modulus_bytes() -> None:
+    x = torch.randint(0, 2**40, (1001,))
+    packed = pack(x, 40)
+    assert packed.dtype == torch.uint8 and packed.numel() == 5 * 1001
+    assert torch.equal(unpack(packed, 40), x)
+    with pytest.raises(ValueError, match="multiple of 5 bytes"):
+        unpack(packed[:-1], 40)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="clip"):
+        Quantizer(clip=0.0, bits=8)
+    with pytest.raises(ValueError, match="bits"):
+        Quantizer(clip=1.0, bits=40)
+    layout = Layout.of({"w": TensorSpec((3,), torch.float32)})
+    with pytest.raises(ValueError, match="positive integer"):
+        layout.encode({"w": torch.zeros(3)}, {}, 0, Quantizer(1.0, 8))
+    with pytest.raises(ValueError, match=r"w: shape \(4,\)"):
+        layout.encode({"w": torch.zeros(4)}, {}, 1, Quantizer(1.0, 8))
