@@ -27,7 +27,7 @@ def test_the_weighted_mean_survives_quantisation_within_half_a_step() -> None:
         ({"w": torch.rand(30, 7, generator=g) - 0.5, "b": torch.rand(7, generator=g) - 0.5}, n)
         for n in (10, 300, 7, 55)
     ]
-    total = sum(layout.encode(d, {}, n, q) for d, n in clients)
+    total = torch.stack([layout.encode(d, {}, n, q) for d, n in clients]).sum(0)
     mean, extras, weight = layout.mean(total, len(clients), q)
     plain = weighted_average(clients)
     assert weight == 372 and extras == {}
