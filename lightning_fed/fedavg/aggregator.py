@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from lightning_fed.fedavg.errors import FedAvgError, RoundFailedError
 from lightning_fed.fedavg.evaluation import Evaluation, split_evaluation
 from lightning_fed.fedavg.selection import sample_clients
 from lightning_fed.logs import WaitNotice
+from lightning_fed.privacy.vector import Layout
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,72 @@ class AggregatorRole:
         could = len(self.channel.peers) - len(self.failed)
         return could < self.config.min_clients or len(self.clients) >= could
 
+    # -- one answer from each of a set of clients -------------------------------------
+    def collect(
+        self,
+        kind: str,
+        round: int,
+        attempt: str,
+        waiting: set[str],
+        deadline: float,
+        take: Callable[[Message], str | None],
+        rejected: dict[str, str],
+        what: str,
+        done: Callable[[], bool] | None = None,
+    ) -> None:
+        """Receive one ``kind`` message of this round's ``attempt`` from each client in
+        ``waiting`` (emptied as they answer) until none is left, ``done()`` says enough
+        came, or ``deadline`` passes.
+
+        ``take(msg)`` uses a message and returns None, or why it cannot be used: the
+        sender is then named in ``rejected`` and not waited for. A client's failure
+        report ends the wait for it at once (named in ``rejected`` too); check-ins are
+        handled; other rounds' messages are dropped.
+        """
+        notice = WaitNotice(log, f"aggregator: round {round} waits for {what}", deadline)
+        while waiting and not (done is not None and done()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            notice.what = (
+                f"aggregator: round {round} waits for {what} from {', '.join(sorted(waiting))}"
+            )
+            try:
+                msg = self.channel.receive(
+                    [kind, P.CHECKIN, P.FAILED], timeout=min(left, notice.slice())
+                )
+            except ChannelTimeoutError:
+                continue
+            except BlobIntegrityError as exc:
+                if exc.round == round and exc.sender in waiting:
+                    rejected[exc.sender] = exc.reason
+                    waiting.discard(exc.sender)
+                continue
+            if msg.kind == P.CHECKIN:
+                self.handle_checkin(msg)
+                continue
+            if msg.kind == P.FAILED:
+                reason = self.handle_failed(msg)
+                if reason is not None and msg.sender in waiting:
+                    how = "it left" if msg.sender in self.left else "it stopped with an error"
+                    rejected[msg.sender] = f"{how}: {reason}"
+                    waiting.discard(msg.sender)
+                continue
+            if not _answers_this_round(msg, round, attempt) or msg.sender not in waiting:
+                log.debug("aggregator: dropped a %s from %s of another round", kind, msg.sender)
+                continue
+            waiting.discard(msg.sender)
+            problem = take(msg)
+            if problem is not None:
+                log.warning(
+                    "aggregator: round %d: refused the %s of %s: %s",
+                    round,
+                    kind,
+                    msg.sender,
+                    problem,
+                )
+                rejected[msg.sender] = problem
+
     # -- rounds --------------------------------------------------------------------
     def run_round(
         self,
@@ -249,6 +316,9 @@ class AggregatorRole:
             )
         attempt = secrets.token_hex(8)
         algorithm = self.algorithm
+        spec = None
+        if cfg.secure_aggregation is not None:
+            spec = cfg.secure_aggregation.for_round(len(chosen))
         body = P.RoundStart(
             attempt,
             cfg.epochs_per_round,
@@ -257,6 +327,7 @@ class AggregatorRole:
             algorithm.describe(),
             cfg.evaluate_on_clients,
             cfg.optimizer_state,
+            None if spec is None else spec.to_body(),
         )
         tensors = with_extras(global_state, algorithm.round_tensors())
         self.channel.send(P.ROUND, P.body_of(body), to=chosen, round=round, tensors=tensors)
@@ -273,6 +344,18 @@ class AggregatorRole:
         metrics: dict[str, dict[str, float]] = {}
         rejected: dict[str, str] = {}
         evaluations: dict[str, Evaluation] = {}
+        upload = with_extras(expected, algorithm.upload_spec())
+        secure = None
+        if spec is not None:
+            from lightning_fed.fedavg.secure_aggregator import SecureRoundServer
+
+            assert cfg.secure_aggregation is not None
+            layout = Layout.of(expected, algorithm.upload_spec())
+            secure = SecureRoundServer(
+                self, cfg.secure_aggregation, spec, round, attempt, chosen, layout
+            )
+            waiting = set(secure.prepare(rejected))
+            upload = secure.upload_spec
         deadline = started + cfg.calculation_timeout
         notice = WaitNotice(log, f"aggregator: round {round} waits for updates", deadline)
         while waiting:
@@ -306,7 +389,7 @@ class AggregatorRole:
                     rejected[msg.sender] = f"{how}: {reason}"
                     waiting.discard(msg.sender)
                 continue
-            problem, update = self._judge(msg, round, attempt, waiting, expected)
+            problem, update = self._judge(msg, round, attempt, waiting, upload)
             if update is None or problem is not None:
                 log.warning(
                     "aggregator: rejected the update of %s (round %d): %s",
@@ -319,14 +402,23 @@ class AggregatorRole:
                     waiting.discard(msg.sender)
                 continue
             tensors, states = split_evaluation(msg.tensors)
-            model, extras = split_extras(tensors)
-            statistic.add(ClientUpdate(msg.sender, model, update.num_samples, extras))
-            del model, extras, tensors
+            if secure is not None:
+                problem = secure.add(msg.sender, tensors, update)
+                if problem is not None:
+                    log.warning("aggregator: rejected the update of %s: %s", msg.sender, problem)
+                    rejected[msg.sender] = problem
+                    waiting.discard(msg.sender)
+                    continue
+            else:
+                model, extras = split_extras(tensors)
+                statistic.add(ClientUpdate(msg.sender, model, update.num_samples, extras))
+                del model, extras
+            del tensors
             if update.evaluation is not None:
                 evaluation = self._evaluation(update.evaluation, states, msg.sender)
                 if evaluation is not None:
                     evaluations[msg.sender] = evaluation
-            samples[msg.sender] = update.num_samples
+            samples[msg.sender] = update.num_samples if secure is None else 0  # masked
             metrics[msg.sender] = update.metrics
             waiting.discard(msg.sender)
             del msg  # frees the received blob before the next one is read
@@ -352,9 +444,10 @@ class AggregatorRole:
                 ", ".join(sorted(waiting)),
                 cfg.calculation_timeout,
             )
+        aggregate = statistic.result() if secure is None else secure.result(global_state, rejected)
         return RoundResult(
             round=round,
-            aggregate=statistic.result(),
+            aggregate=aggregate,
             samples=samples,
             metrics=metrics,
             rejected=rejected,
@@ -385,7 +478,7 @@ class AggregatorRole:
         if msg.sender not in waiting:
             return "its sender was not asked for an update in this round or already sent one", None
         tensors, _ = split_evaluation(msg.tensors)
-        problems = update_problems(with_extras(expected, self.algorithm.upload_spec()), tensors)
+        problems = update_problems(expected, tensors)
         if problems:
             return "bad weights: " + "; ".join(problems[:5]), update
         return None, update

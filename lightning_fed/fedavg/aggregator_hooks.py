@@ -182,11 +182,12 @@ class AggregatorHooks(RoleHooks):
             self._record_federated(trainer, module, round - 1, result.evaluations)
         flat: dict[str, float] = {
             "fedavg/participants": float(len(result.samples)),
-            "fedavg/samples": float(sum(result.samples.values())),
+            "fedavg/samples": float(result.aggregate.samples),
             "fedavg/round_seconds": result.seconds,
         }
         for client, n in result.samples.items():
-            flat[f"clients/{client}/num_samples"] = float(n)
+            if n:  # 0: masked by secure aggregation
+                flat[f"clients/{client}/num_samples"] = float(n)
             for name, value in result.metrics.get(client, {}).items():
                 flat[f"clients/{client}/{name}"] = value
         for logger in trainer.loggers:

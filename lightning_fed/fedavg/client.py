@@ -18,7 +18,12 @@ import torch
 from lightning_fed.channel import Channel, ChannelTimeoutError, Message
 from lightning_fed.fedavg import protocol as P
 from lightning_fed.fedavg.config import FedAvgConfig
-from lightning_fed.fedavg.errors import FedAvgError, FederationAbortedError, SupersededError
+from lightning_fed.fedavg.errors import (
+    FedAvgError,
+    FederationAbortedError,
+    RoundAbandonedError,
+    SupersededError,
+)
 from lightning_fed.logs import WaitNotice
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ class ClientRole:
         self.current: Instruction | None = None
         self._ack_seq = -1  # sequence number of the aggregator's ack of this process
         self._unacked: Message | None = None
+        self._held: Message | None = None  # an instruction that came during a secure step
 
     @property
     def instruction_timeout(self) -> float:
@@ -147,7 +153,7 @@ class ClientRole:
         """
         if self.aggregator is None:
             raise FedAvgError("check_in() first: the aggregator is not known yet")
-        kinds = [*P.INSTRUCTIONS, P.STANDBY, P.CHECKIN, P.CHECKIN_ACK, P.FAILED]
+        kinds = [*P.INSTRUCTIONS, P.STANDBY, P.CHECKIN, P.CHECKIN_ACK, P.FAILED, *P.SECURE_STEPS]
         deadline = time.monotonic() + self.instruction_timeout
         last = -1 if self.current is None else self.current.round
         notice = WaitNotice(
@@ -157,12 +163,20 @@ class ClientRole:
             deadline,
         )
         while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = self.channel.receive(kinds, timeout=min(left, notice.slice()), consume=False)
-            except ChannelTimeoutError:
-                continue
+            if self._held is not None:
+                msg, self._held = self._held, None
+            else:
+                try:
+                    msg = self.channel.receive(
+                        kinds, timeout=min(left, notice.slice()), consume=False
+                    )
+                except ChannelTimeoutError:
+                    continue
             if msg.kind in (P.CHECKIN, P.CHECKIN_ACK, P.FAILED):
                 self._ack_for_me(msg)  # late duplicates and peers' broadcasts
+                continue
+            if msg.kind in P.SECURE_STEPS:
+                self.channel.ack(msg)  # a step of a secure round this client left
                 continue
             if msg.sender != self.aggregator:
                 log.warning(
@@ -193,6 +207,71 @@ class ClientRole:
             f"client {self.channel.node_id!r}: no instruction from aggregator "
             f"{self.aggregator!r} within {self.instruction_timeout:g} s (calculation_timeout + "
             "schedule_timeout); hint: check that the aggregator still runs"
+        )
+
+    def await_step(self, kind: str, timeout: float) -> Message:
+        """The aggregator's next ``kind`` message of the current secure round.
+
+        Raises:
+            RoundAbandonedError: the aggregator moved on (a new round, a finish or a
+                standby came first); :meth:`next_instruction` returns it.
+            FederationAbortedError: the aggregator aborted the federation.
+            FedAvgError: nothing came within ``timeout`` seconds.
+        """
+        current = self.current
+        if current is None or current.start is None or self.aggregator is None:
+            raise FedAvgError(f"{kind} outside a round: wait for next_instruction() first")
+        attempt = current.start.attempt
+        kinds = [kind, *P.INSTRUCTIONS, P.STANDBY, P.CHECKIN, P.CHECKIN_ACK, P.FAILED]
+        deadline = time.monotonic() + timeout
+        notice = WaitNotice(
+            log, f"client {self.channel.node_id}: waiting for the aggregator's {kind}", deadline
+        )
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.channel.receive(kinds, timeout=min(left, notice.slice()), consume=False)
+            except ChannelTimeoutError:
+                continue
+            if msg.kind in (P.CHECKIN, P.CHECKIN_ACK, P.FAILED):
+                self._ack_for_me(msg)
+                continue
+            if msg.sender != self.aggregator:
+                self.channel.ack(msg)
+                continue
+            if msg.kind == kind:
+                self.channel.ack(msg)
+                if msg.round == current.round and msg.body.get("attempt") == attempt:
+                    return msg
+                continue  # a step of an earlier round or attempt
+            if msg.kind == P.ABORT:
+                self._instruction(msg, current.round)  # raises
+            self._held = msg  # for next_instruction
+            raise RoundAbandonedError(
+                f"the aggregator sent a {msg.kind} (round {msg.round}) before this client's "
+                f"{kind} of round {current.round}: it went on without this client"
+            )
+        raise FedAvgError(
+            f"client {self.channel.node_id!r}: no {kind} from aggregator {self.aggregator!r} "
+            f"within {timeout:g} s (secure aggregation's step timeout); hint: check that the "
+            "aggregator still runs"
+        )
+
+    def send_step(
+        self,
+        kind: str,
+        body: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Send one step of the current secure round to the aggregator."""
+        current = self.current
+        if current is None or current.start is None or self.aggregator is None:
+            raise FedAvgError(f"{kind} outside a round: wait for next_instruction() first")
+        self.channel.send(
+            kind,
+            {"attempt": current.start.attempt, **body},
+            to=self.aggregator,
+            round=current.round,
+            tensors=tensors,
         )
 
     def _standby_for_me(self, msg: Message) -> bool:
@@ -328,17 +407,24 @@ class ClientRole:
         num_samples: int,
         metrics: Mapping[str, float],
         evaluation: dict[str, Any] | None = None,
+        masked_with: list[str] | None = None,
     ) -> None:
         """Send this round's trained tensors and sample count to the aggregator.
 
         ``evaluation`` is the body of this client's validation of the round's global
-        model; its state tensors are among ``tensors``.
+        model; its state tensors are among ``tensors``. ``masked_with``: a secure
+        round's masked vector, masked with these neighbours.
         """
         current = self.current
         if current is None or current.start is None or self.aggregator is None:
             raise FedAvgError("upload() outside a round: wait for next_instruction() first")
         update = P.Update(
-            current.start.attempt, self.instance, num_samples, dict(metrics), evaluation
+            current.start.attempt,
+            self.instance,
+            num_samples,
+            dict(metrics),
+            evaluation,
+            masked_with,
         )
         self.channel.prune_sent()
         self.channel.send(

@@ -25,9 +25,10 @@ from lightning_fed.algorithms.base import AlgorithmError, split_extras, with_ext
 from lightning_fed.fedavg import protocol as P
 from lightning_fed.fedavg.client import ClientRole, Instruction
 from lightning_fed.fedavg.client_link import ClientLink
-from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.fedavg.errors import FedAvgError, RoundAbandonedError
 from lightning_fed.fedavg.evaluation import Evaluation, validate_now
 from lightning_fed.fedavg.hooks import Outcome, Party, RoleHooks
+from lightning_fed.fedavg.secure_client import SecureRoundClient, secure_round_of
 from lightning_fed.fedavg.weights import federated_state, load_state
 from lightning_fed.outputs import (
     save_report,
@@ -79,6 +80,8 @@ class ClientHooks(RoleHooks, Checkpoint):
         self.seen = 0
         self.fit_started = time.monotonic()
         self._counted_batches = False
+        self._secure: SecureRoundClient | None = None  # rank 0, during a secure round
+        self._secure_global: dict[str, torch.Tensor] | None = None  # the round's start
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -101,6 +104,9 @@ class ClientHooks(RoleHooks, Checkpoint):
             if start.optimizer_state == "reset":
                 reset_optimizers(trainer)
             self._start_algorithm(trainer, pl_module, start, instruction.round, model, extras)
+            if not self._start_secure(instruction, model):
+                self._follow(trainer, pl_module, self.role.next_instruction())
+                return
             self.epochs_left = start.local_epochs
             self.steps_until = (
                 None if start.local_steps is None else trainer.global_step + start.local_steps
@@ -194,14 +200,19 @@ class ClientHooks(RoleHooks, Checkpoint):
         metrics = scalar_metrics(trainer.callback_metrics)
         metrics["fit_seconds"] = time.monotonic() - self.fit_started  # local training time
         extras = {} if self.algorithm is None else self.algorithm.finish_round(pl_module)
-        tensors = with_extras(federated_state(pl_module, self.names), extras)
         evaluation, self._evaluation = self._evaluation, None
-        body = None
+        body: dict[str, Any] | None = None
+        states: dict[str, torch.Tensor] = {}
         if evaluation is not None:
             body, states = evaluation.encode()
+        if self._secure_global is not None:
+            self._upload_secure(pl_module, extras, metrics, body, states)
+        else:
+            tensors = with_extras(federated_state(pl_module, self.names), extras)
             tensors.update(states)
-        self.role.upload(tensors, self.seen, metrics, body)
-        del tensors, extras
+            self.role.upload(tensors, self.seen, metrics, body)
+            del tensors
+        del extras
         if self.algorithm is not None and self.ranks.is_zero:
             # After the upload, off the round's critical path: the aggregator folds the
             # update while this is written. A crash between the two leaves the state of
@@ -238,6 +249,57 @@ class ClientHooks(RoleHooks, Checkpoint):
         self.outcome.left = reason
         self.role.report_failure(reason, left=True)
         log.info("client %s: left the federation: %s", self.node_id, reason)
+
+    # -- secure aggregation ---------------------------------------------------------------
+    def _start_secure(self, instruction: Instruction, model: Mapping[str, torch.Tensor]) -> bool:
+        """Before training, a secure round's key exchange; False if the aggregator went
+        on without this client (its next instruction is waiting)."""
+        start = instruction.start
+        assert start is not None
+        self._secure, self._secure_global = None, None
+        spec = secure_round_of(start, self.config.secure_aggregation, self.node_id)
+        if spec is None:
+            return True
+
+        def prepare(role: ClientRole) -> None:
+            self._secure = SecureRoundClient(role, spec, instruction.round, start.attempt)
+            self._secure.prepare()
+
+        try:
+            self.role.on_zero(prepare)
+        except RoundAbandonedError as exc:
+            log.warning("client %s: %s", self.node_id, exc)
+            return False
+        self._secure_global = dict(model)
+        return True
+
+    def _upload_secure(
+        self,
+        pl_module: pl.LightningModule,
+        extras: Mapping[str, torch.Tensor],
+        metrics: Mapping[str, float],
+        body: dict[str, Any] | None,
+        states: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Rank 0 masks and sends this round's change, then helps unmask the sum."""
+        start = self._secure_global
+        assert start is not None
+        self._secure_global = None
+        seen = self.seen
+
+        def upload(role: ClientRole) -> None:
+            assert self._secure is not None
+            state = federated_state(pl_module, self.names)
+            deltas = {n: t.detach().double() - start[n].double() for n, t in state.items()}
+            del state
+            self._secure.upload(deltas, extras, seen, metrics, body, states)
+
+        try:
+            self.role.on_zero(upload)
+        except RoundAbandonedError as exc:
+            log.warning("client %s: %s", self.node_id, exc)
+        finally:
+            self._secure = None
 
     # -- the algorithm's client side ------------------------------------------------------
     def _start_algorithm(

@@ -7,15 +7,17 @@ from rank 0 (see :mod:`lightning_fed.ranks`). With one process this is the role 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from lightning_fed.fedavg import protocol as P
 from lightning_fed.fedavg.client import ClientRole, Instruction
 from lightning_fed.ranks import Ranks
+
+T = TypeVar("T")
 
 
 class ClientLink:
@@ -75,6 +77,11 @@ class ClientLink:
     ) -> None:
         """Rank 0 sends this round's update (every rank holds the same synchronised model)."""
         self.ranks.from_zero(lambda: self.role.upload(tensors, num_samples, metrics, evaluation))
+
+    def on_zero(self, work: Callable[[ClientRole], T]) -> T:
+        """Rank 0 does ``work`` with its role (a secure round's steps); every rank gets
+        its result, or what it raised."""
+        return self.ranks.from_zero(lambda: work(self.role))
 
     def send_evaluation(
         self,

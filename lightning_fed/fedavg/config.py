@@ -8,6 +8,7 @@ from typing import Literal
 
 from lightning_fed.errors import SettingError
 from lightning_fed.fedavg.selection import participants_per_round
+from lightning_fed.privacy.settings import SecureAggregation
 from lightning_fed.validation import node_name, positive_int, seconds
 
 Role = Literal["client", "aggregator"]
@@ -56,6 +57,7 @@ class FedAvgConfig:
     aggregator: str | None = None
     evaluate_on_clients: bool = False
     optimizer_state: str = "keep"
+    secure_aggregation: SecureAggregation | None = None
 
     def __post_init__(self) -> None:
         if self.clients is not None:
@@ -124,6 +126,13 @@ class FedAvgConfig:
                 )
         if self.aggregator is not None:
             node_name("aggregator node id", self.aggregator)
+        if self.secure_aggregation is not None and not isinstance(
+            self.secure_aggregation, SecureAggregation
+        ):
+            raise SettingError(
+                "secure_aggregation must be None or a lightning_fed.privacy.SecureAggregation, "
+                f"got {self.secure_aggregation!r}"
+            )
         if not isinstance(self.evaluate_on_clients, bool):
             raise SettingError(
                 f"evaluate_on_clients must be True or False, got {self.evaluate_on_clients!r}"

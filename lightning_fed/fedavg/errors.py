@@ -19,3 +19,8 @@ class FederationAbortedError(FedAvgError):
 
 class SupersededError(FedAvgError):
     """Another process checked in with this node id; this one must stop."""
+
+
+class RoundAbandonedError(FedAvgError):
+    """The aggregator went on without this client's part of a secure round (its next
+    instruction is kept for :meth:`~lightning_fed.fedavg.client.ClientRole.next_instruction`)."""

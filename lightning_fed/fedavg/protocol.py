@@ -18,6 +18,19 @@ Sequence (see docs/fedavg.md for the diagram)::
                                               (validate: after a finish that asks for it;
                                                test: after the client's trainer.test)
 
+With secure aggregation (``secure`` in the round body; see lightning_fed.privacy.secagg),
+between the round and the update, every body carrying the round's ``attempt``::
+
+    client      -> aggregator   secagg-keys     {attempt, c, s, commit}      (before training)
+    aggregator  -> maskers-to-be secagg-roster  {attempt, adverts, degree, threshold, seed}
+    client      -> aggregator   secagg-shares   {attempt} + a sealed share per neighbour
+    aggregator  -> each client  secagg-relay    {attempt} + its neighbours' sealed shares
+    client      -> aggregator   secagg-check    {attempt, rejected}    (then it trains)
+    aggregator  -> maskers      secagg-maskers  {attempt, maskers}
+    client      -> aggregator   update          {..., masked_with} + the masked vector
+    aggregator  -> survivors    secagg-unmask   {attempt, survivors}
+    client      -> aggregator   secagg-reveal   {attempt, b, s}    (shares, never both)
+
 Bodies come from peers, so every field is checked before use; a malformed body is a
 :class:`ProtocolError` naming the sender and the field.
 """
@@ -41,6 +54,16 @@ REPORT = "report"
 ABORT = "abort"
 FAILED = "failed"
 EVALUATION = "evaluation"
+SA_KEYS = "secagg-keys"
+SA_ROSTER = "secagg-roster"
+SA_SHARES = "secagg-shares"
+SA_RELAY = "secagg-relay"
+SA_CHECK = "secagg-check"
+SA_MASKERS = "secagg-maskers"
+SA_UNMASK = "secagg-unmask"
+SA_REVEAL = "secagg-reveal"
+#: What a client waits for during a secure round, from the aggregator.
+SECURE_STEPS = (SA_ROSTER, SA_RELAY, SA_MASKERS, SA_UNMASK)
 
 #: The largest sample count an update may claim (exact in float64).
 MAX_SAMPLES = 2**53
@@ -126,6 +149,7 @@ class RoundStart:
     algorithm: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ALGORITHM))
     evaluate: bool = False  # validate the received global model before training
     optimizer_state: str = "keep"  # or "reset": clear the optimizers' state first
+    secure: dict[str, Any] | None = None  # SecureRound's body: mask the update
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], sender: str) -> RoundStart:
@@ -158,7 +182,12 @@ class RoundStart:
                 f"{what}: optimizer_state must be 'keep' or 'reset', got {optimizer_state!r}"
             )
         attempt = _field(body, "attempt", str, what)
-        return cls(attempt, epochs, dict(instances), steps, algorithm, evaluate, optimizer_state)
+        secure = body.get("secure")
+        if secure is not None and not isinstance(secure, dict):
+            raise ProtocolError(f"{what}: secure must be null or an object, got {secure!r}")
+        return cls(
+            attempt, epochs, dict(instances), steps, algorithm, evaluate, optimizer_state, secure
+        )
 
 
 def _instances(body: Mapping[str, Any], what: str) -> dict[str, str]:
@@ -229,6 +258,9 @@ class Update:
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
+    #: secure rounds: the neighbours this client masked with (its sample count is
+    #: inside the masked vector; ``num_samples`` is then 1)
+    masked_with: list[str] | None = None
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], sender: str) -> Update:
@@ -236,12 +268,18 @@ class Update:
         n = _field(body, "num_samples", int, what)
         if not 1 <= n <= MAX_SAMPLES:
             raise ProtocolError(f"{what}: num_samples must be in [1, 2**53], got {n}")
+        masked_with = body.get("masked_with")
+        if masked_with is not None and (
+            not isinstance(masked_with, list) or not all(isinstance(m, str) for m in masked_with)
+        ):
+            raise ProtocolError(f"{what}: masked_with must be a list of node ids")
         return cls(
             attempt=_field(body, "attempt", str, what),
             instance=_field(body, "instance", str, what),
             num_samples=n,
             metrics=_metrics(body, what),
             evaluation=_evaluation(body, what),
+            masked_with=masked_with,
         )
 
 

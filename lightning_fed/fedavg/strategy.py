@@ -22,7 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_fed.algorithms import Algorithm, FedAvg
+from lightning_fed.algorithms import Algorithm, FedAvg, Statistic
 from lightning_fed.channel import Channel, ChannelError
 from lightning_fed.errors import SettingError
 from lightning_fed.fedavg import protocol as P
@@ -37,6 +37,7 @@ from lightning_fed.fedavg.hooks import Outcome, Party
 from lightning_fed.fedavg.progress import RoundProgressBar
 from lightning_fed.node import NodeBusyError, PartyStrategy
 from lightning_fed.outputs import save_report, scalar_metrics
+from lightning_fed.privacy.settings import SecureAggregation
 from lightning_fed.ranks import (
     PEER_REASON_WAIT,
     Ranks,
@@ -138,6 +139,11 @@ class FedAvgStrategy(PartyStrategy):
             one epoch to the next (the default); ``"reset"`` clears it, so that every
             round starts as a fresh optimizer on the global model. Learning-rate
             schedulers keep stepping across rounds either way.
+        secure_aggregation: aggregator: a
+            :class:`~lightning_fed.privacy.SecureAggregation` to mask every update so
+            that the aggregator learns only their sum (SecAgg+, see docs/privacy.md);
+            clients learn it from each round. On a client: that client's requirement
+            (it refuses rounds that are not secure, or less so).
         strategy: how this party trains inside: None (one device, the default) or
             ``"ddp"`` (one process per device of ``Trainer(devices=N)``; only global
             rank 0 talks to the other parties, see docs/scaling.md). Clients only.
@@ -186,6 +192,7 @@ class FedAvgStrategy(PartyStrategy):
         algorithm: Algorithm | None = None,
         evaluate_on_clients: bool = False,
         optimizer_state: str = "keep",
+        secure_aggregation: SecureAggregation | None = None,
         strategy: str | None = None,
         strategy_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -206,6 +213,7 @@ class FedAvgStrategy(PartyStrategy):
             aggregator=aggregator,
             evaluate_on_clients=evaluate_on_clients,
             optimizer_state=optimizer_state,
+            secure_aggregation=secure_aggregation,
         )
         if type(self) is FedAvgStrategy:  # become the engine for ``strategy``
             from lightning_fed.fedavg.engines import engine_class
@@ -226,6 +234,13 @@ class FedAvgStrategy(PartyStrategy):
         )
         self.max_model_bytes = positive_int("max_model_bytes", max_model_bytes)
         self.algorithm = self._check_algorithm(algorithm)
+        if secure_aggregation is not None and type(self.algorithm.statistic()) is not Statistic:
+            raise SettingError(
+                f"secure_aggregation cannot run {self.algorithm!r}: it needs every client's "
+                "update, and secure aggregation shows the aggregator only their sum; hint: use "
+                "a mean-based algorithm (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, "
+                "FedProx, Scaffold), or drop secure_aggregation"
+            )
         self._outcome = Outcome()  # what the hooks leave: the report, who finished
         self._test_capture: Capture | None = None  # client: its test of the final model
         self._hooks: AggregatorHooks | ClientHooks | None = None

@@ -229,6 +229,37 @@ def tamper_updates(round: int | None, how: str) -> None:
     Channel.send = broken  # type: ignore[method-assign]
 
 
+def sabotage(plans: list[tuple[str, int, str]]) -> None:
+    """Make this process misbehave around what it sends: ``(kind, round, how)`` with
+    ``how`` one of ``die_before`` / ``die_after`` (SIGKILL around sending that message),
+    ``garble`` (its tensors' bytes replaced by random ones of the same length) or
+    ``short`` (every tensor one element short). Everything else stays real."""
+    from lightning_fed.channel import Channel
+
+    send = Channel.send
+
+    def wrapped(self: Channel, kind: str, body: Any = None, **kw: Any) -> int:
+        hows = [h for k, r, h in plans if k == kind and r == kw.get("round")]
+        tensors = kw.get("tensors")
+        if "die_before" in hows:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if tensors is not None and "garble" in hows:
+            kw["tensors"] = {
+                k: torch.randint(0, 256, v.shape, dtype=torch.uint8)
+                if v.dtype == torch.uint8
+                else v
+                for k, v in tensors.items()
+            }
+        if tensors is not None and "short" in hows:
+            kw["tensors"] = {k: v.reshape(-1)[:-1] for k, v in tensors.items()}
+        seq = send(self, kind, body, **kw)
+        if "die_after" in hows:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return seq
+
+    Channel.send = wrapped  # type: ignore[method-assign]
+
+
 def run_party(
     root: str, node: str, role: str, strategy_kwargs: dict[str, Any], party: dict[str, Any]
 ) -> None:
@@ -241,6 +272,8 @@ def run_party(
 
     if "tamper" in party:
         tamper_updates(*party["tamper"])
+    if "sabotage" in party:
+        sabotage([tuple(p) for p in party["sabotage"]])
     if "tamper_every_round" in party:
         tamper_updates(None, party["tamper_every_round"])
     L.seed_everything(party.get("seed", 0), verbose=False)
