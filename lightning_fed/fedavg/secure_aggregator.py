@@ -203,14 +203,15 @@ class SecureRoundServer:
     def result(
         self, global_state: Mapping[str, torch.Tensor], rejected: dict[str, str]
     ) -> RoundAggregate:
-        """Collect the survivors' shares, unmask the sum, make the round's aggregate.
+        """Collect the shares that unmask the survivors' sum (from every client that
+        holds some, survivor or not), unmask it, make the round's aggregate.
 
         Raises:
             RoundFailedError: a secret could not be recovered (too many dropouts).
         """
         server = self.server
         survivors = server.survivors
-        self._send(P.SA_UNMASK, survivors, {"survivors": survivors})
+        self._send(P.SA_UNMASK, server.helpers, {"survivors": survivors})
 
         def reveal(msg: Message) -> str | None:
             try:
@@ -218,7 +219,7 @@ class SecureRoundServer:
             except ValueError as exc:
                 return f"malformed shares: {exc}"
 
-        waiting = set(survivors)
+        waiting = set(server.helpers)
         reveals: dict[str, str] = {}
         deadline = time.monotonic() + self.settings.timeout
         # Unmask as soon as every secret has enough shares; if some were wrong, wait for

@@ -132,12 +132,35 @@ class SecureRoundClient:
         maskers = msg.body.get("maskers")
         if not isinstance(maskers, list) or not all(isinstance(m, str) for m in maskers):
             raise FedAvgError(f"client {self.node!r}: malformed list of maskers {maskers!r}")
-        if self.node not in maskers:
+        if self.node in maskers:
+            self._send_masked(deltas, extras, num_samples, maskers, metrics, evaluation, states)
+        else:
             log.warning(
-                "client %s: left out of this round's secure aggregation; its update is not sent",
+                "client %s: left out of this round's secure aggregation; its update is not "
+                "sent, but it still helps unmask the others' sum",
                 self.node,
             )
-            return
+        msg = self.role.await_step(P.SA_UNMASK, self.role.instruction_timeout)
+        survivors = msg.body.get("survivors")
+        if not isinstance(survivors, list) or not all(isinstance(m, str) for m in survivors):
+            raise FedAvgError(f"client {self.node!r}: malformed list of survivors {survivors!r}")
+        try:
+            reveal = self.client.reveal(survivors)
+        except SecAggError as exc:
+            raise FedAvgError(str(exc)) from None
+        self.role.send_step(P.SA_REVEAL, reveal.to_body())
+
+    def _send_masked(
+        self,
+        deltas: Mapping[str, torch.Tensor],
+        extras: Mapping[str, torch.Tensor],
+        num_samples: int,
+        maskers: list[str],
+        metrics: Mapping[str, float],
+        evaluation: dict[str, Any] | None,
+        states: Mapping[str, torch.Tensor],
+    ) -> None:
+        spec = self.spec
         layout = Layout.of(
             {n: _spec(t) for n, t in deltas.items()}, {n: _spec(t) for n, t in extras.items()}
         )
@@ -156,15 +179,6 @@ class SecureRoundClient:
         tensors = {MASKED: pack(masked, spec.modulus_bits), **states}
         del vector, masked
         self.role.upload(tensors, 1, metrics, evaluation, self.client.masked_with)
-        msg = self.role.await_step(P.SA_UNMASK, self.role.instruction_timeout)
-        survivors = msg.body.get("survivors")
-        if not isinstance(survivors, list) or not all(isinstance(m, str) for m in survivors):
-            raise FedAvgError(f"client {self.node!r}: malformed list of survivors {survivors!r}")
-        try:
-            reveal = self.client.reveal(survivors)
-        except SecAggError as exc:
-            raise FedAvgError(str(exc)) from None
-        self.role.send_step(P.SA_REVEAL, reveal.to_body())
 
 
 def _spec(t: torch.Tensor) -> Any:

@@ -18,7 +18,8 @@ One round, with ``context`` naming it (task, round, attempt) in every key and sh
 5. **mask**: each client sends ``x + PRG(b) + sum(+/- PRG(s_ij))`` modulo ``2**m`` over
    its neighbours ``j`` in ``U2'`` (``+`` when its id sorts first); the aggregator adds
    them up as they arrive (``U3``: whose masked vector arrived and fits).
-6. **reveal**: the aggregator sends ``U3``; each surviving client returns, per
+6. **reveal**: the aggregator sends ``U3``; each client still in the round (those that
+   answered step 4, survivors or not) returns, per
    neighbour, the share of ``b`` if that neighbour is in ``U3``, else the share of its
    ``s`` key, never both; the aggregator recovers each survivor's ``b`` and each
    dropped neighbour's ``s`` key, removes their masks and is left with ``sum(x)``.
@@ -286,10 +287,10 @@ class SecAggClient:
         """
         roster = self._need_roster()
         alive = set(survivors)
-        if self.node not in alive or not alive <= set(roster.adverts):
+        if not alive <= set(roster.adverts):
             raise SecAggError(
                 f"client {self.node!r}: the aggregator's survivor list {sorted(alive)} does "
-                "not fit this round (not a subset of the roster, or without this client)"
+                "not fit this round (not a subset of the roster)"
             )
         if len(alive) < roster.threshold:
             raise SecAggError(
@@ -348,6 +349,7 @@ class SecAggServer:
         self.shared: set[str] = set()  # U2
         self.complaints: dict[str, str] = {}  # excluded client -> why
         self.maskers: list[str] = []  # U2'
+        self.helpers: list[str] = []  # who answered step 4: they hold shares to reveal
         self.total = torch.zeros(size, dtype=torch.int64)
         self.masked: set[str] = set()  # U3
         self.masked_with: dict[str, list[str]] = {}
@@ -410,6 +412,7 @@ class SecAggServer:
             for culprit, why in sorted(problems.items()):
                 self.complaints.setdefault(culprit, f"{complainer} says {why}")
         self.maskers = sorted(c for c in self.shared if c in checked and c not in self.complaints)
+        self.helpers = sorted(c for c in self.shared if c in checked)
         return self.maskers
 
     # -- step 5 ----------------------------------------------------------------------
@@ -447,8 +450,8 @@ class SecAggServer:
     def add_reveal(self, sender: str, reveal: Reveal) -> str | None:
         """Fold in one survivor's shares; returns why they were refused, if so."""
         roster = self._need_roster()
-        if sender not in self.masked:
-            return "sent shares to reveal but is not a survivor"
+        if sender not in self.helpers:
+            return "sent shares to reveal but holds none of this round's"
         held = set(roster.graph()[sender])
         alive = self.masked
         wrong_b = sorted(set(reveal.b) - (held & alive))
@@ -466,11 +469,12 @@ class SecAggServer:
         roster = self._need_roster()
         graph = roster.graph()
         out: dict[str, tuple[str, set[str]]] = {}
+        helpers = set(self.helpers)
         for i in self.masked:
-            out[i] = ("b", set(graph[i]) & self.masked)
+            out[i] = ("b", set(graph[i]) & helpers)
         for d in sorted(set(self.maskers) - self.masked):
             if any(d in self.masked_with[j] for j in self.masked):
-                out[d] = ("s", set(graph[d]) & self.masked)
+                out[d] = ("s", set(graph[d]) & helpers)
         return out
 
     def can_finish(self) -> bool:

@@ -260,6 +260,85 @@ def sabotage(plans: list[tuple[str, int, str]]) -> None:
     Channel.send = wrapped  # type: ignore[method-assign]
 
 
+def record_views(root: str, node: str, role: str) -> None:
+    """Keep copies of what others could see, for the leak scans of the privacy tests.
+
+    Every process copies each object it publishes to storage (the storage operator's
+    view) into ``<root>/views/published``. The aggregator copies the tensors of every
+    message it receives into ``views/received``. A client saves, per round, its plain
+    update: the weights it trained, their change from the round's global model, and
+    (secure rounds) the quantised integers it masks, in ``views/plain``. Nothing is
+    changed: the functions are wrapped, not replaced.
+    """
+    import uuid
+
+    import lightning_fed.fedavg.client_hooks as hooks
+    from lightning_fed.channel.channel import Channel
+    from lightning_fed.channel.store import Store
+    from lightning_fed.privacy.vector import Layout
+
+    out = Path(root) / "views"
+    for sub in ("published", "received", "plain"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    publish = Store.publish
+
+    def publishing(self: Store, key: str, data: Any, **kw: Any) -> None:
+        chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+        blob = b"".join(bytes(c) for c in chunks)
+        (out / "published" / f"{node}-{uuid.uuid4().hex}").write_bytes(blob)
+        publish(self, key, data, **kw)
+
+    Store.publish = publishing  # type: ignore[method-assign]
+    if role == "aggregator":
+        deliver = Channel._deliver_all
+
+        def delivering(self: Channel, taken: Any, *, consume: bool) -> Any:
+            messages = deliver(self, taken, consume=consume)
+            for m in messages:
+                blob = b"".join(
+                    t.contiguous().view(torch.uint8).numpy().tobytes()
+                    for t in m.tensors.values()
+                    if t.numel()
+                )
+                (out / "received" / f"{m.sender}-{m.kind}-{m.seq}").write_bytes(
+                    blob + json.dumps(m.body).encode()
+                )
+            return messages
+
+        Channel._deliver_all = delivering  # type: ignore[method-assign]
+        return
+    seen: dict[str, Any] = {}
+    load, state_of, encode = hooks.load_state, hooks.federated_state, Layout.encode
+
+    def loading(module: Any, tensors: Any, *args: Any, **kw: Any) -> Any:
+        seen["global"] = {k: v.clone() for k, v in tensors.items()}
+        return load(module, tensors, *args, **kw)
+
+    def state(module: Any, names: Any) -> Any:
+        got = state_of(module, names)
+        if "global" in seen:
+            n = seen["n"] = seen.get("n", 0) + 1
+            plain = {f"w/{k}": v.detach().clone() for k, v in got.items()}
+            plain.update(
+                {
+                    f"d/{k}": (v.detach().double() - seen["global"][k].double()).float()
+                    for k, v in got.items()
+                }
+            )
+            torch.save(plain, out / "plain" / f"{node}-{n}.pt")
+        return got
+
+    def encoding(self: Any, *args: Any, **kw: Any) -> Any:
+        levels = encode(self, *args, **kw)
+        torch.save(
+            {"levels": levels.clone()}, out / "plain" / f"{node}-levels-{uuid.uuid4().hex}.pt"
+        )
+        return levels
+
+    hooks.load_state, hooks.federated_state = loading, state  # type: ignore[assignment]
+    Layout.encode = encoding  # type: ignore[method-assign]
+
+
 def run_party(
     root: str, node: str, role: str, strategy_kwargs: dict[str, Any], party: dict[str, Any]
 ) -> None:
@@ -272,6 +351,8 @@ def run_party(
 
     if "tamper" in party:
         tamper_updates(*party["tamper"])
+    if party.get("record_views"):
+        record_views(root, node, role)
     if "sabotage" in party:
         sabotage([tuple(p) for p in party["sabotage"]])
     if "tamper_every_round" in party:

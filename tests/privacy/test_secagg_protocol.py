@@ -65,7 +65,7 @@ def run(
         c = clients[n]
         masked = c.mask(vectors[n].clone(), maskers, BITS)
         server.add_masked(n, masked, c.masked_with)
-    for n in server.survivors:
+    for n in server.helpers:
         if n in silent_at_reveal:
             continue
         reveal = clients[n].reveal(server.survivors)

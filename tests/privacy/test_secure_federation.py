@@ -130,3 +130,118 @@ def test_too_many_dropouts_fail_the_round_naming_them_and_abort_the_others(fed: 
     assert "2 of its neighbours answered: c2, c3" in log
     assert "the aggregator 'agg' aborted the federation" in f.log("c1")
     assert not (f.out("agg") / "final.safetensors").exists()
+
+
+# -- nothing individual leaks ---------------------------------------------------------------
+def windows(values: torch.Tensor, width: int, count: int = 12) -> list[bytes]:
+    """Byte windows of ``width`` consecutive elements of ``values`` where every element is
+    non-zero (a window of zeros could match anything), spread over the tensor."""
+    flat = values.reshape(-1)
+    if flat.numel() < width:
+        return []
+    nonzero = (flat != 0).to(torch.int32)
+    ok = [i for i in range(flat.numel() - width + 1) if int(nonzero[i : i + width].sum()) == width]
+    picked = ok[:: max(1, len(ok) // count)][:count]
+    return [flat[i : i + width].contiguous().view(torch.uint8).numpy().tobytes() for i in picked]
+
+
+def secrets_of(root: Path) -> dict[str, list[bytes]]:
+    """Per client: byte windows of its plain updates (weights and changes as float32,
+    quantised integers as int64 and in their packed wire form)."""
+    from lightning_fed.privacy.quantize import pack
+
+    out: dict[str, list[bytes]] = {}
+    for path in sorted((root / "views" / "plain").glob("*.pt")):
+        node = path.name.split("-")[0]
+        saved = torch.load(path, weights_only=True)
+        found = out.setdefault(node, [])
+        if "levels" in saved:
+            levels = saved["levels"][:-1]
+            found += windows(levels, 3)
+            bits = SECURE.check_clients(len(CLIENTS))  # the modulus of these rounds
+            found += windows(pack(levels, bits), 4 * ((bits + 7) // 8))
+            continue
+        for name, t in saved.items():
+            if name.startswith("d/") or (name.startswith("w/") and t.is_floating_point()):
+                d = saved["d/" + name[2:]]
+                found += windows(torch.where(d != 0, t.float(), torch.zeros_like(t.float())), 4)
+    return out
+
+
+def haystack(root: Path, agg_out: Path) -> dict[str, bytes]:
+    """What the storage operator and the aggregator saw or wrote."""
+    views = root / "views"
+    files = [*(views / "published").iterdir(), *(views / "received").iterdir()]
+    files += [p for p in agg_out.rglob("*") if p.is_file()]
+    files.append(root / "agg.log")
+    return {str(p): p.read_bytes() for p in files}
+
+
+def leaks(root: Path, agg_out: Path) -> dict[str, list[str]]:
+    seen = haystack(root, agg_out)
+    found: dict[str, list[str]] = {}
+    for node, wins in secrets_of(root).items():
+        assert wins, f"no plain update of {node} was recorded"
+        for where, data in seen.items():
+            if any(w in data for w in wins):
+                found.setdefault(node, []).append(where)
+    return found
+
+
+def test_nothing_individual_reaches_storage_or_the_aggregator(fed: Any) -> None:
+    """Scan every stored object and everything the aggregator received and wrote for any
+    client's plain update; the same scan finds them in a plain FedAvg run."""
+    views = {"record_views": True}
+    plain = run(fed, "plain", 2, {}, parties={c: views for c in CLIENTS})
+    assert plain.wait() == ALL, plain.log("agg")
+    # The control: in plain FedAvg the storage and the aggregator hold every update.
+    assert sorted(leaks(plain.root, plain.out("agg"))) == CLIENTS
+    masked = run(
+        fed, "secure", 2, {"secure_aggregation": SECURE}, parties={c: views for c in CLIENTS}
+    )
+    assert masked.wait() == ALL, masked.log("agg")
+    assert leaks(masked.root, masked.out("agg")) == {}
+    # ...though the scan would find the quantised integers if they were there.
+    secret = secrets_of(masked.root)["c1"]
+    levels = [p for p in (masked.root / "views" / "plain").glob("c1-levels-*")]
+    assert levels and any(w in levels[0].read_bytes() for w in secret)
+
+
+# -- misbehaving clients ---------------------------------------------------------------------
+def test_a_malformed_share_or_masked_vector_is_named_and_its_sender_left_out(fed: Any) -> None:
+    """c3's shares do not open (random bytes of the right length); c2's masked vector is
+    one element short: both are named in the round's report and left out, and the round
+    sums the other three."""
+    f = run(
+        fed,
+        "secure",
+        1,
+        {"secure_aggregation": SECURE, "min_clients": 3},
+        parties={
+            "c3": {"sabotage": [("secagg-shares", 1, "garble")]},
+            "c2": {"sabotage": [("update", 1, "short")]},
+        },
+    )
+    assert f.wait() == ALL, f.log("agg")
+    round1 = f.report()["rounds"][0]
+    assert sorted(round1["samples"]) == ["c1", "c4", "c5"]
+    assert "left out of secure aggregation" in round1["rejected"]["c3"]
+    assert "does not open with the agreed key" in round1["rejected"]["c3"]
+    assert "masked" in round1["rejected"]["c2"] and "shape" in round1["rejected"]["c2"]
+    assert "left out of this round's secure aggregation" in f.log("c3")
+
+
+def test_secure_aggregation_over_s3(fed: Any, s3_endpoint: str) -> None:
+    from lightning_fed.testing import make_bucket, s3_storage_options
+
+    url = f"s3://{make_bucket(s3_endpoint)}/federation"
+    s3 = {"storage_options": s3_storage_options(s3_endpoint)}
+    f = fed(*CLIENTS, folder="s3")
+    for i, c in enumerate(CLIENTS):
+        f.start(c, "client", {**FAST, **s3}, {"data_seed": i + 1, "n": 32 + 16 * i, "url": url})
+    f.start(
+        "agg", "aggregator", {**FAST, **s3, "rounds": 2, "secure_aggregation": SECURE}, {"url": url}
+    )
+    assert f.wait() == ALL, f.log("agg")
+    assert [sorted(r["samples"]) for r in f.report()["rounds"]] == [CLIENTS, CLIENTS]
+    assert "secure aggregation among c1, c2, c3, c4, c5" in f.log("agg")
