@@ -27,6 +27,7 @@ from lightning_fed.fedavg.errors import FedAvgError, RoundFailedError
 from lightning_fed.fedavg.evaluation import Evaluation, split_evaluation
 from lightning_fed.fedavg.selection import sample_clients
 from lightning_fed.logs import WaitNotice
+from lightning_fed.node.liveness import PeerWatch
 from lightning_fed.privacy.vector import Layout
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class AggregatorRole:
         self.failed: dict[str, str] = {}
         #: Those of them that left of their own accord (their Trainer stopped).
         self.left: set[str] = set()
+        #: Tells which waited-for clients' processes are gone (their presence claims).
+        self.watch = PeerWatch(channel)
         self.expected_clients = config.clients or len(channel.peers)
         if config.min_clients > len(channel.peers):
             raise FedAvgError(
@@ -224,6 +227,17 @@ class AggregatorRole:
         could = len(self.channel.peers) - len(self.failed)
         return could < self.config.min_clients or len(self.clients) >= could
 
+    def _gone(self, waiting: set[str]) -> dict[str, str]:
+        """Those of ``waiting`` whose process is gone: no longer waited for (removed from
+        ``waiting``), dropped from the federation until they check in again."""
+        gone = self.watch.gone(waiting)
+        for node, why in sorted(gone.items()):
+            waiting.discard(node)
+            self.clients.pop(node, None)
+            self.failed[node] = f"its process is gone: {why}"
+            log.warning("aggregator: client %s is gone (%s); going on without it", node, why)
+        return gone
+
     # -- one answer from each of a set of clients -------------------------------------
     def collect(
         self,
@@ -254,9 +268,11 @@ class AggregatorRole:
             notice.what = (
                 f"aggregator: round {round} waits for {what} from {', '.join(sorted(waiting))}"
             )
+            for node, why in self._gone(waiting).items():
+                rejected[node] = f"its process is gone: {why}"
             try:
                 msg = self.channel.receive(
-                    [kind, P.CHECKIN, P.FAILED], timeout=min(left, notice.slice())
+                    [kind, P.CHECKIN, P.FAILED], timeout=min(left, notice.slice(), self.watch.every)
                 )
             except ChannelTimeoutError:
                 continue
@@ -344,6 +360,7 @@ class AggregatorRole:
         metrics: dict[str, dict[str, float]] = {}
         rejected: dict[str, str] = {}
         evaluations: dict[str, Evaluation] = {}
+        lost: dict[str, str] = {}  # chosen clients whose process is gone
         upload = with_extras(expected, algorithm.upload_spec())
         secure = None
         if spec is not None:
@@ -368,9 +385,13 @@ class AggregatorRole:
                 f"aggregator: round {round} has {len(samples)} of {len(chosen)} updates; "
                 f"waiting for {', '.join(sorted(waiting))}"
             )
+            lost.update(self._gone(waiting))
+            if not waiting:
+                break
             try:
                 msg = self.channel.receive(
-                    [P.UPDATE, P.CHECKIN, P.FAILED], timeout=min(left, notice.slice())
+                    [P.UPDATE, P.CHECKIN, P.FAILED],
+                    timeout=min(left, notice.slice(), self.watch.every),
                 )
             except ChannelTimeoutError:
                 continue
@@ -434,6 +455,7 @@ class AggregatorRole:
                     else ""
                 )
                 + (f"; rejected {detail}" if detail else "")
+                + "".join(f"; {k} is gone: {v}" for k, v in sorted(lost.items()))
                 + "; hint: check the clients' logs"
                 + (", or raise calculation_timeout" if waiting else "")
             )
@@ -451,7 +473,7 @@ class AggregatorRole:
             samples=samples,
             metrics=metrics,
             rejected=rejected,
-            missing=sorted(waiting),
+            missing=sorted(waiting | set(lost)),
             seconds=time.monotonic() - started,
             evaluations=evaluations,
         )

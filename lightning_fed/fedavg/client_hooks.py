@@ -104,9 +104,7 @@ class ClientHooks(RoleHooks, Checkpoint):
             if start.optimizer_state == "reset":
                 reset_optimizers(trainer)
             self._start_algorithm(trainer, pl_module, start, instruction.round, model, extras)
-            if not self._start_secure(instruction, model):
-                self._follow(trainer, pl_module, self.role.next_instruction())
-                return
+            self._start_secure(instruction, model)
             self.epochs_left = start.local_epochs
             self.steps_until = (
                 None if start.local_steps is None else trainer.global_step + start.local_steps
@@ -251,27 +249,20 @@ class ClientHooks(RoleHooks, Checkpoint):
         log.info("client %s: left the federation: %s", self.node_id, reason)
 
     # -- secure aggregation ---------------------------------------------------------------
-    def _start_secure(self, instruction: Instruction, model: Mapping[str, torch.Tensor]) -> bool:
-        """Before training, a secure round's key exchange; False if the aggregator went
-        on without this client (its next instruction is waiting)."""
+    def _start_secure(self, instruction: Instruction, model: Mapping[str, torch.Tensor]) -> None:
+        """A secure round: start its key exchange (rank 0, on a thread while the party
+        trains)."""
         start = instruction.start
         assert start is not None
         self._secure, self._secure_global = None, None
         spec = secure_round_of(start, self.config.secure_aggregation, self.node_id)
         if spec is None:
-            return True
+            return
 
-        def prepare(role: ClientRole) -> None:
-            self._secure = SecureRoundClient(role, spec, instruction.round, start.attempt)
-            self._secure.prepare()
-
-        try:
-            self.role.on_zero(prepare)
-        except RoundAbandonedError as exc:
-            log.warning("client %s: %s", self.node_id, exc)
-            return False
+        if self.ranks.is_zero:  # its key exchange runs while the party trains
+            self._secure = SecureRoundClient(self.role.role, spec, instruction.round, start.attempt)
+            self._secure.start()
         self._secure_global = dict(model)
-        return True
 
     def _upload_secure(
         self,

@@ -1,15 +1,17 @@
-"""A client's secure round: SecAgg+'s steps over the channel, before and after training.
+"""A client's secure round: SecAgg+'s steps over the channel, beside and after training.
 
-:meth:`SecureRoundClient.prepare` runs before local training (keys, shares, the check of
-the shares received), :meth:`SecureRoundClient.upload` after it: the client's change to
-the round's global model, quantised, weighted by its sample count and masked, then its
-shares of the neighbours' secrets once the aggregator names the survivors. Only rank 0
-of a DDP client runs these (through :class:`~lightning_fed.fedavg.client_link.ClientLink`).
+:meth:`SecureRoundClient.prepare` runs while the client trains, on a thread (keys,
+shares, the check of the shares received); :meth:`SecureRoundClient.upload` after
+training sends the client's change to the round's global model, quantised, weighted by
+its sample count and masked, then its shares of the neighbours' secrets once the
+aggregator names the survivors. Only rank 0 of a DDP client runs these (through
+:class:`~lightning_fed.fedavg.client_link.ClientLink`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,8 +74,32 @@ class SecureRoundClient:
             self.node, round_context(role.channel.task.task_id, round, attempt)
         )
         self.step_timeout = spec.timeout + STEP_MARGIN
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
     # -- before training ----------------------------------------------------------------
+    def start(self) -> None:
+        """Run :meth:`prepare` on a thread, while the client trains (it needs no more than
+        the channel, which training does not use); :meth:`upload` waits for it."""
+        self._thread = threading.Thread(
+            target=self._prepare_in_thread, name=f"secagg-{self.node}", daemon=True
+        )
+        self._thread.start()
+
+    def _prepare_in_thread(self) -> None:
+        try:
+            self.prepare()
+        except BaseException as exc:  # handed to upload(), on the training thread
+            self._failure = exc
+
+    def _prepared(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
     def prepare(self) -> None:
         """Steps 1, 3 and 4: keys out, shares out, shares in and checked.
 
@@ -121,6 +147,7 @@ class SecureRoundClient:
             RoundAbandonedError: the aggregator went on without this client.
             FedAvgError: the sample count exceeds ``max_samples``.
         """
+        self._prepared()
         spec = self.spec
         if num_samples > spec.max_samples:
             raise FedAvgError(

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.strategies import Strategy
 from typing_extensions import override
 
-from lightning_fed.channel import Channel
+from lightning_fed.channel import Channel, Traffic
 from lightning_fed.node.endpoint import Endpoint
 from lightning_fed.node.presence import Presence
 
@@ -76,6 +76,7 @@ class PartyStrategy(Strategy):
         self._output_dir_setting = Path(output_dir) if output_dir is not None else None
         self._channel: Channel | None = None
         self._presence: Presence | None = None
+        self._traffic = Traffic()  # what a closed channel had moved
 
     # -- where the party works -------------------------------------------------------
     def party_dir(self, trainer: pl.Trainer) -> Path:
@@ -97,6 +98,12 @@ class PartyStrategy(Strategy):
         self._channel = channel
         return channel
 
+    @property
+    def traffic(self) -> Traffic:
+        """What this party's channel has moved so far (messages and bytes, sent and
+        received, tensor blobs included), also after the run closed it."""
+        return self._channel.traffic.copy() if self._channel is not None else self._traffic.copy()
+
     def _claim_node(self, channel: Channel) -> None:
         """Make sure no other live process runs this node id (see :class:`Presence`).
 
@@ -114,6 +121,7 @@ class PartyStrategy(Strategy):
             self._presence.release()
             self._presence = None
         if close_channel and self._channel is not None:
+            self._traffic = self._channel.traffic.copy()
             self._channel.close()
             self._channel = None
 

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lightning_fed.channel import Channel, ChannelError, Store
+from lightning_fed.channel import Channel, ChannelError, Store, TaskConfig
 from lightning_fed.channel.envelope import canonical_json
 from lightning_fed.errors import LightningFedError
 
@@ -102,6 +102,35 @@ class Claim:
         )
 
 
+def claim_key(task_id: str, node_id: str, instance: str = "") -> str:
+    """Where a node's claims live (``instance`` empty: the folder of all of them)."""
+    folder = f"{task_id}/presence/{node_id}"
+    return f"{folder}/{instance}.json" if instance else folder
+
+
+def read_claim(store: Store, task: TaskConfig, node_id: str, key: str) -> Claim | None:
+    """The claim under ``key`` if it is ``node_id``'s and signed by it, else None."""
+    try:
+        record = json.loads(store.read(key, limit=16 << 10))
+        raw: dict[str, Any] = record["claim"]
+        signature = base64.b64decode(record["signature"], validate=True)
+        claim = Claim(**raw)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("presence: ignored an unreadable claim %s: %s", key, exc)
+        return None
+    valid = task.verify(node_id, signature, canonical_json(raw))
+    if (
+        not valid
+        or claim.node_id != node_id
+        or key != claim_key(task.task_id, node_id, claim.instance)
+    ):
+        log.warning("presence: ignored a claim that %s did not sign: %s", node_id, key)
+        return None
+    return claim
+
+
 class Presence:
     """This process's claim of its node id (see the module docstring).
 
@@ -136,10 +165,10 @@ class Presence:
 
     @property
     def prefix(self) -> str:
-        return f"{self.task.task_id}/presence/{self.identity.node_id}"
+        return claim_key(self.task.task_id, self.identity.node_id)
 
     def _key(self, instance: str) -> str:
-        return f"{self.prefix}/{instance}.json"
+        return claim_key(self.task.task_id, self.identity.node_id, instance)
 
     # -- claims in storage ---------------------------------------------------------
     def _write(self, claim: Claim) -> None:
@@ -152,21 +181,7 @@ class Presence:
 
     def _read(self, key: str) -> Claim | None:
         """The claim under ``key`` if it is this node's and signed by it, else None."""
-        try:
-            record = json.loads(self.store.read(key, limit=16 << 10))
-            raw: dict[str, Any] = record["claim"]
-            signature = base64.b64decode(record["signature"], validate=True)
-            claim = Claim(**raw)
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("presence: ignored an unreadable claim %s: %s", key, exc)
-            return None
-        valid = self.task.verify(self.identity.node_id, signature, canonical_json(raw))
-        if not valid or claim.node_id != self.identity.node_id or key != self._key(claim.instance):
-            log.warning("presence: ignored a claim that %s did not sign: %s", claim.node_id, key)
-            return None
-        return claim
+        return read_claim(self.store, self.task, self.identity.node_id, key)
 
     def _rivals(self) -> list[tuple[str, Claim]]:
         mine = self._key(self.claim.instance)

@@ -91,8 +91,9 @@ def test_the_secure_aggregate_is_plain_fedavgs_within_the_bound_even_without_a_s
 
 
 def test_a_client_killed_before_masking_is_left_out_of_the_sum(fed: Any) -> None:
-    """c5 is killed while training, after the key exchange: the round sums c1..c4, as
-    plain FedAvg of c1..c4 does; its masks are taken out with its reconstructed key."""
+    """c5 is killed after the key exchange, before masking: the round sums c1..c4, as
+    plain FedAvg of c1..c4 does; its masks are taken out with its reconstructed key. The
+    aggregator learns at once that its process is gone (no calculation_timeout wait)."""
     plain = fed("c1", "c2", "c3", "c4", folder="plain")
     for i, c in enumerate(plain.clients):
         plain.start(c, "client", FAST, {"data_seed": i + 1, "n": 32 + 16 * i})
@@ -102,13 +103,15 @@ def test_a_client_killed_before_masking_is_left_out_of_the_sum(fed: Any) -> None
         fed,
         "secure",
         1,
-        {"secure_aggregation": SECURE, "calculation_timeout": 20, "min_clients": 3},
-        parties={"c5": {"opts": {"die_in_round": 1}}},
+        {"secure_aggregation": SECURE, "min_clients": 3},
+        parties={"c5": {"sabotage": [("secagg-check", 1, "die_after")]}},
     )
     codes = masked.wait()
     assert codes == {**ALL, "c5": -9}, masked.log("agg")
     round1 = masked.report()["rounds"][0]
     assert round1["missing"] == ["c5"]
+    assert "client c5 is gone (its process (pid" in masked.log("agg")
+    assert "no update within" not in masked.log("agg")  # not after calculation_timeout
     close(masked.out("agg") / "final.safetensors", plain.out("agg") / "final.safetensors", BOUND)
 
 
