@@ -24,7 +24,7 @@ help:
 	@echo "make demo   - set up and run a simulated federation (offline)"
 	@echo "make test   - set up and run the test suite (both environments)"
 	@echo "make lint   - ruff and mypy"
-	@echo "make bench  - print the channel, FedAvg, PSI, HeteroNN, secure HeteroNN and algorithms benchmark figures (hours)"
+	@echo "make bench  - print the channel, FedAvg, PSI, HeteroNN, secure HeteroNN, algorithms and privacy benchmark figures (hours)"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "lightning_fed needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/hetero.py
 	$(PY) benchmarks/secure_hetero.py
 	$(PY) benchmarks/algorithms.py --json runs/bench-algorithms.json
+	$(PY) benchmarks/privacy.py
 
 clean-venv:
 	rm -rf $(VENV) $(VISION_VENV)

@@ -248,3 +248,16 @@ def test_secure_aggregation_over_s3(fed: Any, s3_endpoint: str) -> None:
     assert f.wait() == ALL, f.log("agg")
     assert [sorted(r["samples"]) for r in f.report()["rounds"]] == [CLIENTS, CLIENTS]
     assert "secure aggregation among c1, c2, c3, c4, c5" in f.log("agg")
+
+
+def test_a_server_optimiser_steps_on_the_securely_aggregated_mean(fed: Any) -> None:
+    """FedAdam on the secure mean makes the model FedAdam makes on the plain mean (its
+    first step amplifies the quantisation error by at most lr (1 - beta1) / tau)."""
+    from lightning_fed.algorithms import FedAdam
+
+    plain = run(fed, "plain", 2, {"algorithm": FedAdam(lr=0.05)})
+    assert plain.wait() == ALL, plain.log("agg")
+    masked = run(fed, "secure", 2, {"algorithm": FedAdam(lr=0.05), "secure_aggregation": SECURE})
+    assert masked.wait() == ALL, masked.log("agg")
+    close(masked.out("agg") / "final.safetensors", plain.out("agg") / "final.safetensors", 1e-4)
+    assert "algorithm FedAdam(" in masked.log("c1")
