@@ -281,7 +281,9 @@ class ClientHooks(RoleHooks, Checkpoint):
         def upload(role: ClientRole) -> None:
             assert self._secure is not None
             state = federated_state(pl_module, self.names)
-            deltas = {n: t.detach().double() - start[n].double() for n, t in state.items()}
+            deltas = {
+                n: t.detach().to(torch.float64, copy=True).sub_(start[n]) for n, t in state.items()
+            }
             del state
             self._secure.upload(deltas, extras, seen, metrics, body, states)
 

@@ -245,7 +245,7 @@ class SecureRoundServer:
         for name, delta in deltas.items():
             base = global_state[name]
             dtype = base.dtype
-            new = base.detach().to(torch.float64) + delta.to(torch.float64)
+            new = delta.to(torch.float64, copy=True).add_(base.detach())
             if not (dtype.is_floating_point or dtype.is_complex):
                 new = new.round()
             mean[name] = new.to(dtype)

@@ -54,13 +54,16 @@ class Quantizer:
 
     def quantize(self, values: torch.Tensor) -> torch.Tensor:
         """Levels in ``[0, 2**bits - 1]`` as int64 (values clipped first)."""
-        scaled = values.detach().to(torch.float64).clamp(-self.clip, self.clip) + self.clip
-        return torch.round(scaled / self.step).clamp_(0, self.levels - 1).to(torch.int64)
+        # In place on one float64 copy: each new 8-byte-per-element temporary costs as
+        # much as the arithmetic on a large model.
+        scaled = values.detach().to(torch.float64, copy=True)
+        scaled.clamp_(-self.clip, self.clip).add_(self.clip).div_(self.step).round_()
+        return scaled.clamp_(0, self.levels - 1).to(torch.int64)
 
     def dequantize_mean(self, level_sum: torch.Tensor, weight: float) -> torch.Tensor:
         """The weighted mean of the quantised values from ``sum(w_i * level_i)`` and
         ``sum(w_i)`` (float64)."""
-        return level_sum.to(torch.float64) / weight * self.step - self.clip
+        return level_sum.to(torch.float64, copy=True).mul_(self.step / weight).sub_(self.clip)
 
 
 def modulus_bits(bits: int, max_total_weight: int) -> int:

@@ -70,16 +70,24 @@ class Layout:
         """
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
             raise ValueError(f"a client's weight must be a positive integer, got {weight!r}")
-        parts = []
-        for names, source, w in ((self.weighted, deltas, weight), (self.unweighted, extras, 1)):
-            for name in names:
+        for names, source in ((self.weighted, deltas), (self.unweighted, extras)):
+            for name in names:  # check everything before the work
                 t = source.get(name)
                 if t is None or tuple(t.shape) != self.specs[name].shape:
                     got = None if t is None else tuple(t.shape)
                     raise ValueError(f"{name}: shape {got}, expected {self.specs[name].shape}")
-                parts.append(quantizer.quantize(t.reshape(-1)).mul_(w))
-        parts.append(torch.tensor([weight], dtype=torch.int64))
-        return torch.cat(parts)
+        out = torch.empty(self.size, dtype=torch.int64)
+        offset = 0
+        for names, source, w in ((self.weighted, deltas, weight), (self.unweighted, extras, 1)):
+            for name in names:
+                n = self.numel(name)
+                part = out[offset : offset + n]
+                part.copy_(quantizer.quantize(source[name].reshape(-1)))
+                if w != 1:
+                    part.mul_(w)
+                offset += n
+        out[-1] = weight
+        return out
 
     def mean(
         self, total: torch.Tensor, clients: int, quantizer: Quantizer
