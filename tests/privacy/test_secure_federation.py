@@ -261,3 +261,24 @@ def test_a_server_optimiser_steps_on_the_securely_aggregated_mean(fed: Any) -> N
     assert masked.wait() == ALL, masked.log("agg")
     close(masked.out("agg") / "final.safetensors", plain.out("agg") / "final.safetensors", 1e-4)
     assert "algorithm FedAdam(" in masked.log("c1")
+
+
+def test_federated_evaluation_works_beside_secure_aggregation(fed: Any) -> None:
+    """The clients' validation of the global model travels beside the masked update and
+    still merges exactly (an aggregator without data)."""
+    from tests.fedavg.test_evaluation import TEST, VAL, _pooled
+
+    f = fed("c1", "c2", "c3", folder="evaluated")
+    for i, c in enumerate(f.clients):
+        party = {"data_seed": i + 1, "model": "metrics", "val": VAL[c], "test": TEST[c]}
+        f.start(c, "client", FAST, party)
+    agg = {**FAST, "rounds": 2, "evaluate_on_clients": True, "secure_aggregation": SECURE}
+    f.start("agg", "aggregator", agg, {"model": "metrics", "no_data": True})
+    assert f.wait() == {"c1": 0, "c2": 0, "c3": 0, "agg": 0}, f.log("agg") + f.log("c1")
+    report = f.report()
+    pooled = _pooled(load_file(str(f.out("agg") / "final.safetensors")))
+    assert report["final_federated_metrics"]["val_auroc"] == pytest.approx(
+        pooled["auroc"], abs=1e-6
+    )
+    assert "federated_metrics" in report["rounds"][0]
+    assert "secure aggregation among c1, c2, c3" in f.log("agg")
