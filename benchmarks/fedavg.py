@@ -39,7 +39,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "examples" / "digits"), str(ROOT / "examples" / "mnist")]
+sys.path[:0] = [
+    str(ROOT / "benchmarks"),
+    str(ROOT / "examples" / "digits"),
+    str(ROOT / "examples" / "mnist"),
+]
 
 
 def _plain_accuracy(model: Any, data: Any, epochs: int, seed: int) -> float:
@@ -256,30 +260,12 @@ def _big_party(root: str, node: str, role: str, clients: int, mb: int, q: Any) -
     warnings.filterwarnings("ignore")
     import lightning.pytorch as L
     import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
+    from bigmodel import Big
 
     from lightning_fed import FedAvgStrategy
     from lightning_fed.simulate import threads_per_party
 
     torch.set_num_threads(threads_per_party(clients + 1))  # as `lightning-fed simulate` does
-    side = int((mb * 2**20 / 4) ** 0.5)
-
-    class Big(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.big = nn.Linear(side, side, bias=False)
-            self.head = nn.Linear(side, 2)
-
-        def training_step(self, batch: Any, idx: int) -> torch.Tensor:
-            x, y = batch
-            return nn.functional.cross_entropy(self.head(self.big(x)), y)
-
-        def validation_step(self, batch: Any, idx: int) -> None:
-            pass
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=1e-4)
 
     class Rss(L.Callback):
         """Samples this process's resident memory every 2 ms from round 1 on."""
@@ -316,9 +302,8 @@ def _big_party(root: str, node: str, role: str, clients: int, mb: int, q: Any) -
         callbacks=[rss],
         max_epochs=-1 if role == "client" else None,
     )
-    model = Big()
-    x = torch.randn(8, side)
-    data = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=8)
+    model = Big(mb)
+    data = model.loader()
     if role == "client":
         trainer.fit(model, train_dataloaders=data)
     else:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "examples" / "mnist")]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "examples" / "mnist")]
 
 
 def _party(root: str, node: str, index: int, cfg: dict[str, Any], q: Any) -> None:
@@ -47,8 +47,6 @@ def _party(root: str, node: str, index: int, cfg: dict[str, Any], q: Any) -> Non
     logging.getLogger("lightning_fed").setLevel(logging.WARNING)
     import lightning.pytorch as L
     import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_fed import FedAvgStrategy
     from lightning_fed.privacy import SecureAggregation
@@ -88,31 +86,13 @@ def _party(root: str, node: str, index: int, cfg: dict[str, Any], q: Any) -> Non
         data = MnistData(client_index=None if index == 0 else index - 1, num_clients=clients)
         trainer.fit(model, datamodule=data)
     else:
-        side = int((cfg["mb"] * 2**20 / 4) ** 0.5)
+        from bigmodel import Big
 
-        class Big(L.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.big = nn.Linear(side, side, bias=False)
-                self.head = nn.Linear(side, 2)
-
-            def training_step(self, batch: Any, idx: int) -> torch.Tensor:
-                x, y = batch
-                return nn.functional.cross_entropy(self.head(self.big(x)), y)
-
-            def validation_step(self, batch: Any, idx: int) -> None:
-                pass
-
-            def configure_optimizers(self) -> torch.optim.Optimizer:
-                return torch.optim.SGD(self.parameters(), lr=1e-4)
-
-        model = Big()
-        x = torch.randn(8, side)
-        loader = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=8)
+        model = Big(cfg["mb"])
         if role == "client":
-            trainer.fit(model, train_dataloaders=loader)
+            trainer.fit(model, train_dataloaders=model.loader())
         else:
-            trainer.fit(model, val_dataloaders=loader)
+            trainer.fit(model, val_dataloaders=model.loader())
     report = strategy.final_report if role == "aggregator" else None
     q.put((node, vars(strategy.traffic), report))
 

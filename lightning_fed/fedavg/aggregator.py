@@ -238,6 +238,35 @@ class AggregatorRole:
             log.warning("aggregator: client %s is gone (%s); going on without it", node, why)
         return gone
 
+    def _answer(
+        self, kind: str, round: int, waiting: set[str], rejected: dict[str, str], timeout: float
+    ) -> Message | None:
+        """The next ``kind`` message, or None after handling what came instead (a
+        check-in; a failure report or a corrupt blob of a waited-for client, which
+        ends the wait for it, named in ``rejected``) or when nothing came in time."""
+        try:
+            msg = self.channel.receive(
+                [kind, P.CHECKIN, P.FAILED], timeout=min(timeout, self.watch.every)
+            )
+        except ChannelTimeoutError:
+            return None
+        except BlobIntegrityError as exc:
+            if exc.round == round and exc.sender in waiting:
+                rejected[exc.sender] = exc.reason
+                waiting.discard(exc.sender)
+            return None
+        if msg.kind == P.CHECKIN:
+            self.handle_checkin(msg)
+            return None
+        if msg.kind == P.FAILED:
+            reason = self.handle_failed(msg)
+            if reason is not None and msg.sender in waiting:
+                how = "it left" if msg.sender in self.left else "it stopped with an error"
+                rejected[msg.sender] = f"{how}: {reason}"
+                waiting.discard(msg.sender)
+            return None
+        return msg
+
     # -- one answer from each of a set of clients -------------------------------------
     def collect(
         self,
@@ -270,26 +299,8 @@ class AggregatorRole:
             )
             for node, why in self._gone(waiting).items():
                 rejected[node] = f"its process is gone: {why}"
-            try:
-                msg = self.channel.receive(
-                    [kind, P.CHECKIN, P.FAILED], timeout=min(left, notice.slice(), self.watch.every)
-                )
-            except ChannelTimeoutError:
-                continue
-            except BlobIntegrityError as exc:
-                if exc.round == round and exc.sender in waiting:
-                    rejected[exc.sender] = exc.reason
-                    waiting.discard(exc.sender)
-                continue
-            if msg.kind == P.CHECKIN:
-                self.handle_checkin(msg)
-                continue
-            if msg.kind == P.FAILED:
-                reason = self.handle_failed(msg)
-                if reason is not None and msg.sender in waiting:
-                    how = "it left" if msg.sender in self.left else "it stopped with an error"
-                    rejected[msg.sender] = f"{how}: {reason}"
-                    waiting.discard(msg.sender)
+            msg = self._answer(kind, round, waiting, rejected, min(left, notice.slice()))
+            if msg is None:
                 continue
             if not _answers_this_round(msg, round, attempt) or msg.sender not in waiting:
                 log.debug("aggregator: dropped a %s from %s of another round", kind, msg.sender)
@@ -388,27 +399,8 @@ class AggregatorRole:
             lost.update(self._gone(waiting))
             if not waiting:
                 break
-            try:
-                msg = self.channel.receive(
-                    [P.UPDATE, P.CHECKIN, P.FAILED],
-                    timeout=min(left, notice.slice(), self.watch.every),
-                )
-            except ChannelTimeoutError:
-                continue
-            except BlobIntegrityError as exc:
-                if exc.round == round and exc.sender in waiting:
-                    rejected[exc.sender] = exc.reason
-                    waiting.discard(exc.sender)
-                continue
-            if msg.kind == P.CHECKIN:
-                self.handle_checkin(msg)
-                continue
-            if msg.kind == P.FAILED:
-                reason = self.handle_failed(msg)
-                if reason is not None and msg.sender in waiting:
-                    how = "it left" if msg.sender in self.left else "it stopped with an error"
-                    rejected[msg.sender] = f"{how}: {reason}"
-                    waiting.discard(msg.sender)
+            msg = self._answer(P.UPDATE, round, waiting, rejected, min(left, notice.slice()))
+            if msg is None:
                 continue
             problem, update = self._judge(msg, round, attempt, waiting, upload)
             if update is None or problem is not None:

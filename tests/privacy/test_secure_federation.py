@@ -54,7 +54,7 @@ def close(got: Path, want: Path, bound: float) -> None:
 
 
 ALL = {c: 0 for c in [*CLIENTS, "agg"]}
-SECURE = SecureAggregation(clip=0.5, bits=20, timeout=30)
+SECURE = SecureAggregation(clip=0.5, bits=20, timeout=120)  # dead clients: found in seconds
 BOUND = 0.5 / (2**20 - 1)
 
 
@@ -117,7 +117,7 @@ def test_a_client_killed_before_masking_is_left_out_of_the_sum(fed: Any) -> None
 
 def test_too_many_dropouts_fail_the_round_naming_them_and_abort_the_others(fed: Any) -> None:
     """Degree 4, threshold 3: a second neighbour gone after masking leaves 2 shares."""
-    secure = SecureAggregation(clip=0.5, bits=20, timeout=10)
+    secure = SecureAggregation(clip=0.5, bits=20, timeout=120)
     f = run(
         fed,
         "secure",
