@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,s3,secure
+EXTRAS ?= dev,s3,secure,privacy
 CONSTRAINTS := requirements/constraints.txt
 # Test processes (pytest-xdist). Most tests wait on parties starting Lightning, so two
 # workers halve the suite on a 2-core machine; each worker runs up to 6 processes.

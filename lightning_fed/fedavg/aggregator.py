@@ -23,6 +23,7 @@ from lightning_fed.algorithms.base import split_extras, with_extras
 from lightning_fed.channel import BlobIntegrityError, Channel, ChannelTimeoutError, Message
 from lightning_fed.fedavg import protocol as P
 from lightning_fed.fedavg.config import FedAvgConfig
+from lightning_fed.fedavg.dp_aggregator import PrivateRounds, RoundPrivacy
 from lightning_fed.fedavg.errors import FedAvgError, RoundFailedError
 from lightning_fed.fedavg.evaluation import Evaluation, split_evaluation
 from lightning_fed.fedavg.selection import sample_clients
@@ -46,10 +47,12 @@ class RoundResult:
     seconds: float
     #: clients' validations of the round's incoming global model (evaluate_on_clients)
     evaluations: dict[str, Evaluation] = field(default_factory=dict, repr=False)
+    #: what the round spent under differential privacy, if the run has it
+    privacy: RoundPrivacy | None = None
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record of the round for the metrics report."""
-        return {
+        out = {
             "round": self.round,
             "samples": dict(self.samples),
             "client_metrics": self.metrics,
@@ -57,6 +60,9 @@ class RoundResult:
             "missing": list(self.missing),
             "seconds": round(self.seconds, 4),
         }
+        if self.privacy is not None:
+            out["privacy"] = self.privacy.summary()
+        return out
 
 
 def _answers_this_round(msg: Message, round: int, attempt: str) -> bool:
@@ -80,9 +86,12 @@ class AggregatorRole:
         clients: Mapping[str, str] | None = None,
         algorithm: Algorithm | None = None,
         early: dict[str, list[Message]] | None = None,
+        privacy: PrivateRounds | None = None,
     ) -> None:
         self.channel = channel
         self.config = config
+        #: differential privacy across rounds (clip, noise, accountant), if the run has it
+        self.privacy = privacy
         #: Evaluations that came before their phase was collected (phase -> messages):
         #: a fast client's test of the final model can arrive while the aggregator still
         #: collects the others' validation. Pass the same dict to the role that collects
@@ -335,7 +344,10 @@ class AggregatorRole:
         cfg = self.config
         started = time.monotonic()
         self.poll_checkins()
-        chosen = sample_clients(self.clients, cfg.clients_per_round, seed=cfg.seed, round=round)
+        # Under differential privacy the sample must stay secret (privacy amplification by
+        # subsampling assumes nobody can tell who was drawn): draw it from os.urandom.
+        seed = cfg.seed if self.privacy is None else secrets.randbits(64)
+        chosen = sample_clients(self.clients, cfg.clients_per_round, seed=seed, round=round)
         if len(chosen) < cfg.min_clients:
             raise RoundFailedError(
                 f"round {round}: only {len(chosen)} client(s) available, min_clients="
@@ -346,6 +358,10 @@ class AggregatorRole:
         spec = None
         if cfg.secure_aggregation is not None:
             spec = cfg.secure_aggregation.for_round(len(chosen))
+        privacy = self.privacy
+        noise = None
+        if privacy is not None and spec is not None:
+            noise = privacy.round_noise(len(chosen)).to_body()
         body = P.RoundStart(
             attempt,
             cfg.epochs_per_round,
@@ -355,6 +371,7 @@ class AggregatorRole:
             cfg.evaluate_on_clients,
             cfg.optimizer_state,
             None if spec is None else spec.to_body(),
+            noise,
         )
         tensors = with_extras(global_state, algorithm.round_tensors())
         self.channel.send(P.ROUND, P.body_of(body), to=chosen, round=round, tensors=tensors)
@@ -365,7 +382,10 @@ class AggregatorRole:
             standby = P.Standby({c: self.clients[c] for c in idle})
             self.channel.send(P.STANDBY, P.body_of(standby), to=idle, round=round)
 
-        statistic = algorithm.statistic()
+        if privacy is not None and spec is None:
+            statistic = privacy.statistic(global_state, len(chosen))
+        else:
+            statistic = algorithm.statistic()
         waiting = set(chosen)
         samples: dict[str, int] = {}
         metrics: dict[str, dict[str, float]] = {}
@@ -459,6 +479,9 @@ class AggregatorRole:
                 cfg.calculation_timeout,
             )
         aggregate = statistic.result() if secure is None else secure.result(global_state, rejected)
+        spent = None
+        if privacy is not None:
+            spent = privacy.finish_round(len(chosen), len(self.clients), aggregate.clients)
         return RoundResult(
             round=round,
             aggregate=aggregate,
@@ -468,6 +491,7 @@ class AggregatorRole:
             missing=sorted(waiting | set(lost)),
             seconds=time.monotonic() - started,
             evaluations=evaluations,
+            privacy=spent,
         )
 
     def _judge(

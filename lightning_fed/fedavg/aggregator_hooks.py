@@ -27,9 +27,11 @@ from lightning_fed.algorithms import (
 )
 from lightning_fed.algorithms.aggregate import update_problems
 from lightning_fed.fedavg.aggregator import AggregatorRole, RoundResult
+from lightning_fed.fedavg.dp_aggregator import PrivateRounds
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.evaluation import Evaluation, merge
 from lightning_fed.fedavg.hooks import RECOVERY_CHECKPOINT, Outcome, Party, RoleHooks
+from lightning_fed.fedavg.selection import participants_per_round
 from lightning_fed.fedavg.weights import copy_state, federated_state
 from lightning_fed.outputs import (
     peak_rss_bytes,
@@ -38,6 +40,7 @@ from lightning_fed.outputs import (
     scalar_metrics,
     temporary_sibling,
 )
+from lightning_fed.privacy.dp_settings import DifferentialPrivacy
 from lightning_fed.ranks import PEER_REASON_WAIT, Ranks, broke_collective, peer_reason
 from lightning_fed.trainer_access import restore_during_setup
 
@@ -58,9 +61,20 @@ class AggregatorHooks(RoleHooks):
         super().__init__(party, outcome)
         self.algorithm = algorithm
         self.ranks = ranks
+        dp = self.config.differential_privacy
+        #: differential privacy across rounds (rank 0), if the run has it
+        self.privacy = (
+            PrivateRounds(dp, self.config.secure_aggregation, self.config.rounds)
+            if isinstance(dp, DifferentialPrivacy) and self.ranks.is_zero
+            else None
+        )
         self._role = (
             AggregatorRole(
-                self.channel, self.config, algorithm=algorithm, early=outcome.early_evaluations
+                self.channel,
+                self.config,
+                algorithm=algorithm,
+                early=outcome.early_evaluations,
+                privacy=self.privacy,
             )
             if self.ranks.is_zero
             else None
@@ -69,6 +83,7 @@ class AggregatorHooks(RoleHooks):
         self.resumed_after = 0
         self._validated: dict[str, float] | None = None
         self._restored_algorithm: dict[str, Any] | None = None
+        self._restored_privacy: dict[str, Any] | None = None
         self.initial_federated: dict[str, float] = {}
 
     @property
@@ -87,12 +102,15 @@ class AggregatorHooks(RoleHooks):
     def state_dict(self) -> dict[str, Any]:
         if self._role is None:  # only rank 0's checkpoint is written
             return {"task_id": self.party.task_id, "history": list(self.history)}
-        return {
+        state = {
             "task_id": self.party.task_id,
             "clients": dict(self.role.clients),
             "history": list(self.history),
             "algorithm": {**self.algorithm.describe(), "state": self.algorithm.state_dict()},
         }
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -115,6 +133,17 @@ class AggregatorHooks(RoleHooks):
         self.history = list(state_dict.get("history", []))
         self.resumed_after = len(self.history)
         self._restored_algorithm = dict(saved.get("state", {}))
+        privacy = state_dict.get("privacy")
+        if (privacy is None) != (self.privacy is None) and self._role is not None:
+            raise FedAvgError(
+                "the recovery checkpoint was made "
+                + ("with" if privacy is not None else "without")
+                + " differential privacy and this run is "
+                + ("with" if self.privacy is not None else "without")
+                + " it; hint: restart with the same settings, or give the new run its own "
+                "state_dir (the privacy already spent cannot be forgotten)"
+            )
+        self._restored_privacy = privacy
 
     def recovery_path(self, trainer: pl.Trainer) -> Path:
         return self.party.state_dir / RECOVERY_CHECKPOINT
@@ -142,6 +171,13 @@ class AggregatorHooks(RoleHooks):
         if self._restored_algorithm is not None:
             self.algorithm.load_state_dict(self._restored_algorithm)
             self._restored_algorithm = None
+        if self.privacy is not None:
+            expected = self.role.expected_clients
+            per_round = participants_per_round(self.config.clients_per_round, expected)
+            self.privacy.setup(self.algorithm, self.model, expected, per_round)
+            if self._restored_privacy is not None:
+                self.privacy.load_state_dict(self._restored_privacy)
+                self._restored_privacy = None
         log.info("aggregator: algorithm %r", self.algorithm)
         if self.resumed_after and self.role.clients:
             self.role.poll_checkins()
@@ -168,13 +204,24 @@ class AggregatorHooks(RoleHooks):
                     f"does not fit: {'; '.join(problems[:5])}; hint: lower its learning rate"
                 )
             done.append((result, new))
-            return result.summary()
+            summary = result.summary()
+            if self.privacy is not None and round < self.config.rounds:
+                population = len(self.role.clients)
+                next_round = participants_per_round(self.config.clients_per_round, population)
+                stop = self.privacy.stop_reason(next_round, population)
+                if stop is not None:
+                    summary["stopped"] = stop
+            return summary
 
         summary = self.ranks.from_zero(central)
         new = self.ranks.tensors(done[0][1] if done else None)
         copy_state(module, new)
         del new
         self.history.append(summary)
+        if summary.get("stopped"):  # every rank stops with rank 0
+            trainer.should_stop = True
+            if self.ranks.is_zero:
+                log.warning("aggregator: stopping after round %d: %s", round, summary["stopped"])
         if not done:
             return  # the other ranks: rank 0 logs the round
         result = done.pop()[0]
@@ -190,6 +237,17 @@ class AggregatorHooks(RoleHooks):
                 flat[f"clients/{client}/num_samples"] = float(n)
             for name, value in result.metrics.get(client, {}).items():
                 flat[f"clients/{client}/{name}"] = value
+        if result.privacy is not None:
+            flat.update(result.privacy.metrics())
+            log.info(
+                "aggregator: round %d: differential privacy spent epsilon=%.4g (delta=%g) so "
+                "far; noise multiplier %.4g, clip %.4g",
+                round,
+                result.privacy.epsilon,
+                self.config.differential_privacy.delta,  # type: ignore[union-attr]
+                result.privacy.noise_multiplier,
+                result.privacy.clip,
+            )
         for logger in trainer.loggers:
             logger.log_metrics(flat, step=round)
 
@@ -261,6 +319,7 @@ class AggregatorHooks(RoleHooks):
                 and (datamodule is None or is_overridden("test_dataloader", datamodule))
             ),
             "federated_test_expected": self.config.evaluate_on_clients,
+            "privacy": None if self.privacy is None else self.privacy.describe(),
             "peak_rss_bytes": peak_rss_bytes(),  # this aggregator process's, so far
             "finished_at": time.time(),
         }

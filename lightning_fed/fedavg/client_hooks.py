@@ -36,10 +36,16 @@ from lightning_fed.outputs import (
     scalar_metrics,
     temporary_sibling,
 )
+from lightning_fed.privacy.dp import add_noise_, clip_, noise_generator
+from lightning_fed.privacy.dp_settings import DistributedNoise, LocalDP
+from lightning_fed.privacy.dpsgd import DPSGDCallback
 from lightning_fed.ranks import Ranks
 from lightning_fed.trainer_access import callbacks_of
 
 log = logging.getLogger(__name__)
+
+#: The client's local DP-SGD accountant history, in its state folder.
+LOCAL_DP_STATE = "local-dp-accountant.json"
 
 
 def reset_optimizers(trainer: pl.Trainer) -> None:
@@ -82,6 +88,14 @@ class ClientHooks(RoleHooks, Checkpoint):
         self._counted_batches = False
         self._secure: SecureRoundClient | None = None  # rank 0, during a secure round
         self._secure_global: dict[str, torch.Tensor] | None = None  # the round's start
+        self._secure_noise: DistributedNoise | None = None  # distributed DP's clip and noise
+        dp = self.config.differential_privacy
+        #: local DP-SGD (Opacus) on this client's data, if it has LocalDP
+        self.local_dp = (
+            DPSGDCallback(dp, party.state_dir / LOCAL_DP_STATE, self.node_id)
+            if isinstance(dp, LocalDP)
+            else None
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -198,6 +212,15 @@ class ClientHooks(RoleHooks, Checkpoint):
         metrics = scalar_metrics(trainer.callback_metrics)
         metrics["fit_seconds"] = time.monotonic() - self.fit_started  # local training time
         extras = {} if self.algorithm is None else self.algorithm.finish_round(pl_module)
+        if self.local_dp is not None:
+            spent = self.local_dp.finish_round()
+            metrics.update(spent)
+            current = self.role.current
+            if current is not None:
+                for logger in trainer.loggers:
+                    logger.log_metrics(spent, step=current.round)
+            if self.local_dp.stopping_reason:
+                trainer.should_stop = True
         evaluation, self._evaluation = self._evaluation, None
         body: dict[str, Any] | None = None
         states: dict[str, torch.Tensor] = {}
@@ -230,9 +253,10 @@ class ClientHooks(RoleHooks, Checkpoint):
             return
         self._follow(trainer, pl_module, self.role.next_instruction())
 
-    @staticmethod
-    def _stopped_by(trainer: pl.Trainer) -> str:
+    def _stopped_by(self, trainer: pl.Trainer) -> str:
         """Which callback stopped the Trainer, as best Lightning tells."""
+        if self.local_dp is not None and self.local_dp.stopping_reason:
+            return self.local_dp.stopping_reason
         for callback in callbacks_of(trainer):
             message = getattr(callback, "stopping_reason_message", None)
             if isinstance(callback, EarlyStopping) and message:
@@ -254,10 +278,15 @@ class ClientHooks(RoleHooks, Checkpoint):
         trains)."""
         start = instruction.start
         assert start is not None
-        self._secure, self._secure_global = None, None
+        self._secure, self._secure_global, self._secure_noise = None, None, None
         spec = secure_round_of(start, self.config.secure_aggregation, self.node_id)
         if spec is None:
             return
+        if start.dp is not None:
+            try:
+                self._secure_noise = DistributedNoise.parse(start.dp)
+            except ValueError as exc:
+                raise FedAvgError(f"client {self.node_id!r}: {exc}") from None
 
         if self.ranks.is_zero:  # its key exchange runs while the party trains
             self._secure = SecureRoundClient(self.role.role, spec, instruction.round, start.attempt)
@@ -277,6 +306,7 @@ class ClientHooks(RoleHooks, Checkpoint):
         assert start is not None
         self._secure_global = None
         seen = self.seen
+        noise, self._secure_noise = self._secure_noise, None
 
         def upload(role: ClientRole) -> None:
             assert self._secure is not None
@@ -285,7 +315,12 @@ class ClientHooks(RoleHooks, Checkpoint):
                 n: t.detach().to(torch.float64, copy=True).sub_(start[n]) for n, t in state.items()
             }
             del state
-            self._secure.upload(deltas, extras, seen, metrics, body, states)
+            weight = seen
+            if noise is not None:  # distributed DP: clip, add this client's share of noise
+                clip_(deltas, noise.clip)
+                add_noise_(deltas, noise.std, noise_generator())
+                weight = 1  # equal weights: a client's influence is bounded by the clip
+            self._secure.upload(deltas, extras, weight, metrics, body, states)
 
         try:
             self.role.on_zero(upload)

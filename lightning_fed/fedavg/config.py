@@ -8,6 +8,7 @@ from typing import Literal
 
 from lightning_fed.errors import SettingError
 from lightning_fed.fedavg.selection import participants_per_round
+from lightning_fed.privacy.dp_settings import DifferentialPrivacy, LocalDP
 from lightning_fed.privacy.settings import SecureAggregation
 from lightning_fed.validation import node_name, positive_int, seconds
 
@@ -58,6 +59,7 @@ class FedAvgConfig:
     evaluate_on_clients: bool = False
     optimizer_state: str = "keep"
     secure_aggregation: SecureAggregation | None = None
+    differential_privacy: DifferentialPrivacy | LocalDP | None = None
 
     def __post_init__(self) -> None:
         if self.clients is not None:
@@ -133,9 +135,38 @@ class FedAvgConfig:
                 "secure_aggregation must be None or a lightning_fed.privacy.SecureAggregation, "
                 f"got {self.secure_aggregation!r}"
             )
+        self._check_privacy()
         if not isinstance(self.evaluate_on_clients, bool):
             raise SettingError(
                 f"evaluate_on_clients must be True or False, got {self.evaluate_on_clients!r}"
+            )
+
+    def _check_privacy(self) -> None:
+        dp = self.differential_privacy
+        if dp is None:
+            return
+        if not isinstance(dp, DifferentialPrivacy | LocalDP):
+            raise SettingError(
+                "differential_privacy must be None, a lightning_fed.privacy.DifferentialPrivacy "
+                f"(aggregator) or a lightning_fed.privacy.LocalDP (client), got {dp!r}"
+            )
+        if self.role == "aggregator" and isinstance(dp, LocalDP):
+            raise SettingError(
+                f"{dp!r} is set on the aggregator, but local DP-SGD runs on each client's own "
+                "data; hint: set it on the clients, or give the aggregator "
+                "DifferentialPrivacy(...) for client-level DP of the global model"
+            )
+        if self.role == "client" and isinstance(dp, DifferentialPrivacy):
+            raise SettingError(
+                f"{dp!r} is set on a client, but the aggregator clips and noises the round "
+                "(and tells the clients their share under secure aggregation); hint: set it on "
+                "the aggregator, or give this client LocalDP(...) for DP-SGD on its own data"
+            )
+        if isinstance(dp, DifferentialPrivacy) and self.secure_aggregation and dp.adaptive:
+            raise SettingError(
+                "adaptive clipping needs the count of unclipped updates, which the aggregator "
+                "cannot see under secure aggregation (it is not carried in the masked sum "
+                "yet); hint: give DifferentialPrivacy a fixed clip with secure_aggregation"
             )
 
     @property

@@ -150,6 +150,7 @@ class RoundStart:
     evaluate: bool = False  # validate the received global model before training
     optimizer_state: str = "keep"  # or "reset": clear the optimizers' state first
     secure: dict[str, Any] | None = None  # SecureRound's body: mask the update
+    dp: dict[str, Any] | None = None  # DistributedNoise's body: clip and noise the update
 
     @classmethod
     def parse(cls, body: Mapping[str, Any], sender: str) -> RoundStart:
@@ -185,8 +186,21 @@ class RoundStart:
         secure = body.get("secure")
         if secure is not None and not isinstance(secure, dict):
             raise ProtocolError(f"{what}: secure must be null or an object, got {secure!r}")
+        dp = body.get("dp")
+        if dp is not None and (not isinstance(dp, dict) or secure is None):
+            raise ProtocolError(
+                f"{what}: dp must be null, or an object in a secure round, got {dp!r}"
+            )
         return cls(
-            attempt, epochs, dict(instances), steps, algorithm, evaluate, optimizer_state, secure
+            attempt,
+            epochs,
+            dict(instances),
+            steps,
+            algorithm,
+            evaluate,
+            optimizer_state,
+            secure,
+            dp,
         )
 
 

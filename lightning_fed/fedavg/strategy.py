@@ -37,6 +37,7 @@ from lightning_fed.fedavg.hooks import Outcome, Party
 from lightning_fed.fedavg.progress import RoundProgressBar
 from lightning_fed.node import NodeBusyError, PartyStrategy
 from lightning_fed.outputs import save_report, scalar_metrics
+from lightning_fed.privacy.dp_settings import DifferentialPrivacy, LocalDP
 from lightning_fed.privacy.settings import SecureAggregation
 from lightning_fed.ranks import (
     PEER_REASON_WAIT,
@@ -144,6 +145,12 @@ class FedAvgStrategy(PartyStrategy):
             that the aggregator learns only their sum (SecAgg+, see docs/privacy.md);
             clients learn it from each round. On a client: that client's requirement
             (it refuses rounds that are not secure, or less so).
+        differential_privacy: aggregator: a
+            :class:`~lightning_fed.privacy.DifferentialPrivacy` for client-level DP of
+            the global model (DP-FedAvg: clipped updates, Gaussian noise on their sum,
+            epsilon counted every round; central, or distributed among the clients with
+            ``secure_aggregation``). Client: a :class:`~lightning_fed.privacy.LocalDP`
+            for DP-SGD on that client's own data through Opacus. See docs/privacy.md.
         strategy: how this party trains inside: None (one device, the default) or
             ``"ddp"`` (one process per device of ``Trainer(devices=N)``; only global
             rank 0 talks to the other parties, see docs/scaling.md). Clients only.
@@ -193,6 +200,7 @@ class FedAvgStrategy(PartyStrategy):
         evaluate_on_clients: bool = False,
         optimizer_state: str = "keep",
         secure_aggregation: SecureAggregation | None = None,
+        differential_privacy: DifferentialPrivacy | LocalDP | None = None,
         strategy: str | None = None,
         strategy_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -214,6 +222,7 @@ class FedAvgStrategy(PartyStrategy):
             evaluate_on_clients=evaluate_on_clients,
             optimizer_state=optimizer_state,
             secure_aggregation=secure_aggregation,
+            differential_privacy=differential_privacy,
         )
         if type(self) is FedAvgStrategy:  # become the engine for ``strategy``
             from lightning_fed.fedavg.engines import engine_class
@@ -240,6 +249,16 @@ class FedAvgStrategy(PartyStrategy):
                 "update, and secure aggregation shows the aggregator only their sum; hint: use "
                 "a mean-based algorithm (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, "
                 "FedProx, Scaffold), or drop secure_aggregation"
+            )
+        if (
+            isinstance(differential_privacy, DifferentialPrivacy)
+            and type(self.algorithm.statistic()) is not Statistic
+        ):
+            raise SettingError(
+                f"differential_privacy cannot run {self.algorithm!r}: DP-FedAvg bounds each "
+                "client's influence on a mean by clipping it, and a robust statistic is not a "
+                "mean; hint: use FedAvg, FedAvgM, FedProx or a server optimiser (FedAdam, "
+                "FedYogi, FedAdagrad)"
             )
         self._outcome = Outcome()  # what the hooks leave: the report, who finished
         self._test_capture: Capture | None = None  # client: its test of the final model
@@ -321,6 +340,8 @@ class FedAvgStrategy(PartyStrategy):
             trainer.fit_loop.min_epochs = 0
         self._hooks = hooks
         self._trainer = trainer
+        if isinstance(hooks, ClientHooks) and hooks.local_dp is not None:
+            callbacks_of(trainer).append(hooks.local_dp)
         callbacks_of(trainer).append(hooks)
         if self.role == "aggregator" and self.config.recovery:
             assert isinstance(hooks, AggregatorHooks)

@@ -48,6 +48,8 @@ class TinyNet(L.LightningModule):
         self.opts = opts or {}
         hidden = int(self.opts.get("hidden", 8))  # another width does not fit the global model
         self.net = nn.Sequential(nn.Linear(FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, 2))
+        if self.opts.get("batchnorm"):  # a layer Opacus refuses (it mixes examples)
+            self.net.insert(1, nn.BatchNorm1d(hidden))
         self.lr, self.momentum = lr, momentum
         self.epochs_done = 0
         # Two optimisers (one per layer) stepped by hand, as a GAN-style module would.

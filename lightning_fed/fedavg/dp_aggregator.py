@@ -1,0 +1,310 @@
+"""Differential privacy on the aggregator: one object that clips, noises and counts.
+
+:class:`PrivateRounds` is where DP-FedAvg lives. Central DP: each round's statistic is
+a :class:`ClippedMean` (clip every update's change to the global model, sum with
+equal weights, add Gaussian noise to the sum, divide by the clients). Distributed DP
+(with secure aggregation): the round tells the clients how to clip and how much
+noise each adds (:class:`~lightning_fed.privacy.dp_settings.DistributedNoise`), and the
+secure sum arrives already noised. Either way, after the round the accountant records
+one subsampled Gaussian mechanism and epsilon is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_fed.algorithms import Algorithm, ClientUpdate, ModelSpec, RoundAggregate, Statistic
+from lightning_fed.fedavg.errors import FedAvgError
+from lightning_fed.privacy.accounting import Accountant, noise_multiplier_for
+from lightning_fed.privacy.dp import (
+    add_noise_,
+    clip_,
+    next_clip,
+    noise_generator,
+    update_noise_multiplier,
+)
+from lightning_fed.privacy.dp_settings import (
+    AdaptiveClipping,
+    DifferentialPrivacy,
+    DistributedNoise,
+)
+from lightning_fed.privacy.settings import SecureAggregation
+
+log = logging.getLogger(__name__)
+
+#: How many noise standard deviations the secure quantisation range must leave room for.
+NOISE_ROOM = 4.0
+
+
+class ClippedMean(Statistic):
+    """Central DP's statistic: the equally weighted mean of clipped changes, plus noise.
+
+    Args:
+        global_state: the round's global model (the changes are taken against it).
+        clip: the bound on each change's L2 norm.
+        noise_std: the standard deviation of the noise on the *sum* of the changes.
+        count_std: the standard deviation of the noise on the count of unclipped
+            updates (adaptive clipping; 0 without it).
+        generator: where the noise comes from.
+    """
+
+    def __init__(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        clip: float,
+        noise_std: float,
+        count_std: float,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.global_state = global_state
+        self.clip = clip
+        self.noise_std = noise_std
+        self.count_std = count_std
+        self.generator = generator
+        self.unclipped = 0
+
+    def add(self, update: ClientUpdate) -> None:
+        change = {
+            k: t.to(torch.promote_types(t.dtype, torch.float32)) - self.global_state[k]
+            for k, t in update.tensors.items()
+        }
+        norm = clip_(change, self.clip)
+        self.unclipped += int(norm <= self.clip)
+        self.model.add(change, 1)
+        self.samples += update.num_samples
+
+    def merge(self, other: Statistic) -> None:
+        if not isinstance(other, ClippedMean):
+            raise TypeError(f"cannot merge {type(other).__name__} into a ClippedMean")
+        super().merge(other)
+        self.unclipped += other.unclipped
+
+    def result(self) -> RoundAggregate:
+        clients = self.model.count
+        mean = self.model.compute()  # sum / clients
+        add_noise_(mean, self.noise_std / clients, self.generator)
+        for k, t in mean.items():
+            t.add_(self.global_state[k].to(t.dtype))
+        return RoundAggregate(mean, {}, clients, self.samples)
+
+    def noised_unclipped(self) -> float:
+        """The count of unclipped updates plus its noise (what adaptive clipping sees)."""
+        noise = torch.randn((), generator=self.generator, dtype=torch.float64).item()
+        return self.unclipped + self.count_std * noise
+
+
+@dataclass
+class RoundPrivacy:
+    """What one round spent: logged as ``dp/...`` and kept in the round's history."""
+
+    epsilon: float
+    noise_multiplier: float
+    sample_rate: float
+    clip: float
+    unclipped_fraction: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "dp/epsilon": self.epsilon,
+            "dp/noise_multiplier": self.noise_multiplier,
+            "dp/sample_rate": self.sample_rate,
+            "dp/clip": self.clip,
+        }
+        if self.unclipped_fraction is not None:
+            out["dp/unclipped_fraction"] = self.unclipped_fraction
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["epsilon"] = None if math.isinf(self.epsilon) else self.epsilon  # JSON has no inf
+        return out
+
+
+class PrivateRounds:
+    """DP-FedAvg on the aggregator across rounds: the noise, the clip and the accountant.
+
+    Args:
+        settings: the user's :class:`~lightning_fed.privacy.DifferentialPrivacy`.
+        secure: the run's secure aggregation (distributed DP), or None (central DP).
+        rounds: the planned rounds (to pick the noise for a target epsilon).
+    """
+
+    def __init__(
+        self, settings: DifferentialPrivacy, secure: SecureAggregation | None, rounds: int
+    ) -> None:
+        self.settings = settings
+        self.secure = secure
+        self.rounds = rounds
+        self.clip = settings.initial_clip
+        self.noise_multiplier = settings.noise_multiplier
+        self.accountant = Accountant(settings.accountant)
+        self.generator = noise_generator()
+        self._stat: ClippedMean | None = None  # central DP: the round's statistic
+        self._open = False  # a round began and has not been recorded
+
+    @property
+    def distributed(self) -> bool:
+        return self.secure is not None
+
+    # -- before round 1 ---------------------------------------------------------------------
+    def setup(self, algorithm: Algorithm, model: ModelSpec, clients: int, per_round: int) -> None:
+        """Check the model and the algorithm; pick the noise for a target epsilon.
+
+        Raises:
+            FedAvgError: a federated tensor is not floating point, the algorithm uploads
+                tensors of its own, or the secure quantisation range is too narrow.
+        """
+        ints = sorted(n for n, s in model.tensors.items() if not s.dtype.is_floating_point)
+        if ints:
+            raise FedAvgError(
+                f"differential privacy noises every federated tensor, and {', '.join(ints)} "
+                "are not floating point; hint: keep them local, e.g. local_keys="
+                "['*num_batches_tracked']"
+            )
+        if algorithm.upload_spec():
+            raise FedAvgError(
+                f"differential privacy cannot run {algorithm!r}: its clients upload tensors of "
+                f"their own ({', '.join(sorted(algorithm.upload_spec()))}) that would be "
+                "neither clipped nor noised; hint: use FedAvg, FedAvgM, FedProx or a server "
+                "optimiser (FedAdam, FedYogi, FedAdagrad)"
+            )
+        rate = per_round / max(clients, 1)
+        if self.noise_multiplier is None:
+            target = self.settings.target_epsilon
+            assert target is not None  # DifferentialPrivacy requires one of the two
+            self.noise_multiplier = noise_multiplier_for(
+                target, self.settings.delta, rate, self.rounds, self.settings.accountant
+            )
+            log.info(
+                "aggregator: differential privacy: noise multiplier %.4g spends epsilon <= %g "
+                "(delta %g) in %d rounds of %d of %d clients",
+                self.noise_multiplier,
+                target,
+                self.settings.delta,
+                self.rounds,
+                per_round,
+                clients,
+            )
+        if self.noise_multiplier == 0:
+            log.warning(
+                "aggregator: differential privacy with noise_multiplier=0 clips the updates but "
+                "promises no privacy (epsilon is infinite)"
+            )
+        if self.secure is not None:
+            std = self.noise_multiplier * self.clip / math.sqrt(max(3, per_round))
+            room = self.clip + NOISE_ROOM * std
+            if self.secure.clip < room:
+                raise FedAvgError(
+                    f"secure aggregation's clip={self.secure.clip:g} is too narrow for "
+                    f"distributed DP: a clipped update's coordinate reaches {self.clip:g}, and "
+                    f"each client's noise has standard deviation up to {std:.3g}; hint: "
+                    f"SecureAggregation(clip={math.ceil(room * 10) / 10:g}) or more"
+                )
+
+    # -- each round ---------------------------------------------------------------------------
+    def _noise(self, clients: int) -> tuple[float, float]:
+        """(the updates' multiplier, the count's stddev) for a round of ``clients``."""
+        z = self.noise_multiplier or 0.0
+        clip = self.settings.clip
+        if not isinstance(clip, AdaptiveClipping):
+            return z, 0.0
+        count_std = clip.stddev_for(clients)
+        try:
+            return update_noise_multiplier(z, count_std), count_std
+        except ValueError as exc:
+            raise FedAvgError(
+                f"adaptive clipping: {exc}; hint: raise AdaptiveClipping(count_stddev=...)"
+            ) from None
+
+    def statistic(self, global_state: Mapping[str, torch.Tensor], clients: int) -> Statistic:
+        """Central DP: the statistic of a round of ``clients`` clients."""
+        z, count_std = self._noise(clients)
+        stat = ClippedMean(global_state, self.clip, z * self.clip, count_std, self.generator)
+        self._stat, self._open = stat, True
+        return stat
+
+    def round_noise(self, clients: int) -> DistributedNoise:
+        """Distributed DP: what each of a round's ``clients`` clients clips and adds."""
+        z, _ = self._noise(clients)
+        self._stat, self._open = None, True
+        return DistributedNoise(self.clip, z * self.clip / math.sqrt(clients))
+
+    def finish_round(self, chosen: int, population: int, summed: int) -> RoundPrivacy:
+        """Record the round's mechanism; adapt the clip.
+
+        Args:
+            chosen: the clients sampled for the round.
+            population: the federation's clients.
+            summed: the clients whose update is in the sum.
+        """
+        assert self._open, "finish_round before statistic or round_noise"
+        stat, self._stat, self._open = self._stat, None, False
+        rate = min(1.0, chosen / max(population, 1))
+        clip = self.clip
+        fraction = None
+        effective = self.noise_multiplier or 0.0
+        if self.distributed:
+            # Clients that dropped out took their share of the noise with them.
+            effective *= math.sqrt(summed / chosen)
+        if stat is not None and isinstance(self.settings.clip, AdaptiveClipping):
+            adaptive = self.settings.clip
+            fraction = stat.noised_unclipped() / max(summed, 1)
+            self.clip = next_clip(
+                self.clip, fraction, adaptive.target_quantile, adaptive.learning_rate
+            )
+        self.accountant.step(effective, rate)
+        return RoundPrivacy(
+            self.accountant.epsilon(self.settings.delta), effective, rate, clip, fraction
+        )
+
+    def stop_reason(self, chosen: int, population: int) -> str | None:
+        """Why the run must stop before another round of ``chosen`` clients (target epsilon)."""
+        target = self.settings.target_epsilon
+        if target is None:
+            return None
+        rate = min(1.0, chosen / max(population, 1))
+        ahead = self.accountant.epsilon_after(
+            self.settings.delta, self.noise_multiplier or 0.0, rate
+        )
+        if ahead <= target:
+            return None
+        return (
+            f"target_epsilon={target:g} reached: epsilon is "
+            f"{self.accountant.epsilon(self.settings.delta):.4g} and another round would "
+            f"spend {ahead:.4g} (delta {self.settings.delta:g})"
+        )
+
+    # -- recovery --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "clip": self.clip,
+            "noise_multiplier": self.noise_multiplier,
+            "accountant": self.accountant.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.clip = float(state["clip"])
+        nm = state.get("noise_multiplier")
+        self.noise_multiplier = None if nm is None else float(nm)
+        self.accountant = Accountant.from_state(dict(state["accountant"]))
+
+    def describe(self) -> dict[str, Any]:
+        """The report's ``privacy`` section."""
+        return {
+            "mode": "distributed" if self.distributed else "central",
+            **self.settings.describe(),
+            "noise_multiplier": self.noise_multiplier,
+            "epsilon": _json_float(self.accountant.epsilon(self.settings.delta)),
+            "rounds_accounted": self.accountant.steps,
+        }
+
+
+def _json_float(x: float) -> float | None:
+    return None if math.isinf(x) else x

@@ -1,0 +1,238 @@
+"""Differential privacy in real federations: Trainers in their own processes, Opacus'
+accountants and DP-SGD, real crypto for the distributed mode.
+
+Every check reads what the parties left behind (final weights, report.json, logs,
+the CSV logger's metrics) and compares it with what the settings promise: the noise's
+spread, the clipping bound, the library's epsilon, a stop at the target.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_fed.privacy import (
+    Accountant,
+    DifferentialPrivacy,
+    LocalDP,
+    SecureAggregation,
+    noise_multiplier_for,
+)
+from tests.fedavg.parties import TinyNet
+
+pytestmark = pytest.mark.slow
+FAST = {"schedule_timeout": 60, "calculation_timeout": 60}
+CLIENTS = ["c1", "c2", "c3", "c4", "c5"]
+
+
+def initial_model() -> dict[str, torch.Tensor]:
+    """The aggregator's model before round 1 (its party seeds 0 before building it)."""
+    L.seed_everything(0, verbose=False)
+    return {k: v.clone() for k, v in TinyNet().state_dict().items()}
+
+
+def change(path: Path) -> torch.Tensor:
+    """The final global model minus the initial one, as one float64 vector."""
+    final, start = load_file(str(path)), initial_model()
+    assert set(final) == set(start)
+    return torch.cat([(final[k].double() - start[k].double()).reshape(-1) for k in sorted(start)])
+
+
+def run(
+    fed: Any,
+    folder: str,
+    rounds: int,
+    agg: dict[str, Any],
+    client: dict[str, Any] | None = None,
+    party: dict[str, Any] | None = None,
+    clients: list[str] = CLIENTS,
+    agg_party: dict[str, Any] | None = None,
+    each: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    f = fed(*clients, folder=folder)
+    for i, c in enumerate(clients):
+        f.start(
+            c,
+            "client",
+            {**FAST, **(client or {}), **(each or {}).get(c, {})},
+            {"data_seed": i + 1, "n": 32 + 16 * i, **(party or {})},
+        )
+    f.start("agg", "aggregator", {**FAST, "rounds": rounds, **agg}, agg_party)
+    return f
+
+
+def ok(f: Any, nodes: list[str]) -> None:
+    codes = f.wait()
+    assert codes == {n: 0 for n in nodes}, "".join(f.log(n)[-3000:] for n in nodes)
+
+
+def test_central_dp_noise_has_the_promised_spread_and_epsilon_is_the_librarys(
+    fed: Any,
+) -> None:
+    """Clients that do not learn (lr 0): the global model moves by the noise alone, of
+    std noise_multiplier * clip / clients per round; epsilon after each round is the
+    accountant's for (z, q=1, rounds), logged with the round as the step and in
+    report.json."""
+    z, clip = 3.0, 1.0
+    f = run(
+        fed,
+        "central",
+        2,
+        {"differential_privacy": DifferentialPrivacy(noise_multiplier=z, clip=clip)},
+        party={"lr": 0.0},
+        agg_party={"csv_logger": True},
+    )
+    ok(f, [*CLIENTS, "agg"])
+    moved = change(f.out("agg") / "final.safetensors")
+    want = z * clip / len(CLIENTS) * math.sqrt(2)  # two rounds of noise
+    # 74 coordinates: the sample std is within 40% of the true one with odds of ~1e-6
+    # against; a noise of z * clip (5x) or of z * clip / sqrt(m) (2.2x) fails.
+    assert 0.6 * want <= float(moved.std()) <= 1.4 * want, float(moved.std())
+    report = f.report()
+    spent = [r["privacy"]["epsilon"] for r in report["rounds"]]
+    for n, eps in enumerate(spent, start=1):
+        acc = Accountant()
+        acc.step(z, 1.0, n)
+        assert eps == pytest.approx(acc.epsilon(1e-5), rel=1e-9)
+    assert report["privacy"]["mode"] == "central"
+    assert report["privacy"]["epsilon"] == pytest.approx(spent[-1])
+    rows = list(csv.DictReader((f.root / "agg" / "csv" / "metrics.csv").open()))
+    logged = {int(r["step"]): float(r["dp/epsilon"]) for r in rows if r.get("dp/epsilon")}
+    assert logged == pytest.approx({1: spent[0], 2: spent[1]})
+    assert "differential privacy spent epsilon=" in f.log("agg")
+
+
+def test_clipping_bounds_every_update_and_distributed_dp_matches_central_dp(fed: Any) -> None:
+    """Clients that learn fast (lr 2) and a clip of 0.05, no noise: the round moves the
+    global model by the mean of clipped changes, at most 0.05. With secure aggregation
+    the clients clip their own updates and the masked sum gives the same model (within
+    the quantisation bound)."""
+    dp = DifferentialPrivacy(noise_multiplier=0.0, clip=0.05)
+    central = run(fed, "central", 1, {"differential_privacy": dp}, party={"lr": 2.0})
+    ok(central, [*CLIENTS, "agg"])
+    moved = change(central.out("agg") / "final.safetensors")
+    assert 0.02 <= float(moved.norm()) <= 0.05 + 1e-6
+    assert "promises no privacy" in central.log("agg")
+    secure = SecureAggregation(clip=0.1, bits=20, timeout=120)
+    distributed = run(
+        fed,
+        "distributed",
+        1,
+        {"differential_privacy": dp, "secure_aggregation": secure},
+        party={"lr": 2.0},
+    )
+    ok(distributed, [*CLIENTS, "agg"])
+    a = load_file(str(central.out("agg") / "final.safetensors"))
+    b = load_file(str(distributed.out("agg") / "final.safetensors"))
+    for k in a:
+        assert (a[k].double() - b[k].double()).abs().max() <= 0.1 / (2**20 - 1) * 1.01 + 1e-7, k
+    assert distributed.report()["privacy"]["mode"] == "distributed"
+
+
+def test_distributed_dp_noise_from_a_target_epsilon(fed: Any) -> None:
+    """Secure aggregation with DP set by a target epsilon: the aggregator picks the
+    noise for the planned rounds (Opacus' value), each client adds its share, and the
+    sum carries the full noise (std z * clip / clients per round on the mean)."""
+    target, clip = 20.0, 1.0
+    dp = DifferentialPrivacy(target_epsilon=target, clip=clip)
+    z = noise_multiplier_for(target, 1e-5, 1.0, 2)
+    secure = SecureAggregation(clip=round(clip * (1 + 4 * z / math.sqrt(5)) + 0.1, 1), bits=24)
+    f = run(
+        fed,
+        "target",
+        2,
+        {"differential_privacy": dp, "secure_aggregation": secure},
+        party={"lr": 0.0},
+    )
+    ok(f, [*CLIENTS, "agg"])
+    report = f.report()
+    assert report["privacy"]["noise_multiplier"] == pytest.approx(z)
+    assert report["rounds_completed"] == 2
+    assert report["privacy"]["epsilon"] <= target
+    moved = change(f.out("agg") / "final.safetensors")
+    want = z * clip / len(CLIENTS) * math.sqrt(2)
+    assert 0.6 * want <= float(moved.std()) <= 1.4 * want, (float(moved.std()), want)
+
+
+def test_a_target_epsilon_stops_the_run_before_it_is_exceeded(fed: Any) -> None:
+    z = 2.0
+    acc = Accountant()
+    acc.step(z, 1.0, 2)
+    after_two = acc.epsilon(1e-5)
+    acc.step(z, 1.0)
+    target = (after_two + acc.epsilon(1e-5)) / 2  # a third round would exceed it
+    clients = CLIENTS[:3]
+    dp = DifferentialPrivacy(noise_multiplier=z, clip=1.0, target_epsilon=target)
+    f = run(fed, "stop", 10, {"differential_privacy": dp}, clients=clients)
+    ok(f, [*clients, "agg"])
+    report = f.report()
+    assert report["rounds_completed"] == 2
+    assert report["privacy"]["epsilon"] == pytest.approx(after_two)
+    assert f"stopping after round 2: target_epsilon={target:g} reached" in f.log("agg")
+    for c in clients:
+        assert "federation finished" in f.log(c)
+
+
+def test_local_dp_sgd_counts_each_clients_epsilon_and_a_target_makes_it_leave(
+    fed: Any,
+) -> None:
+    """Three clients with Opacus DP-SGD: each reports the epsilon of its own steps
+    (sample rate 1 / its batches), as the library counts it; c3's target lets it train
+    one round only, then it leaves and the others carry on."""
+    z = 1.0
+    clients = CLIENTS[:3]
+    local = {"differential_privacy": LocalDP(noise_multiplier=z, max_grad_norm=1.0)}
+    acc = Accountant()
+    acc.step(z, 1 / 4, 4)  # c3: 64 samples, batches of 16
+    target = (acc.epsilon(1e-5) + acc.epsilon_after(1e-5, z, 1 / 4, 4)) / 2
+    f = run(
+        fed,
+        "local",
+        3,
+        {"min_clients": 2},
+        each={
+            **{c: local for c in clients[:2]},
+            "c3": {"differential_privacy": LocalDP(z, 1.0, target_epsilon=target)},
+        },
+        clients=clients,
+    )
+    ok(f, [*clients, "agg"])
+    report = f.report()
+    assert report["rounds_completed"] == 3
+    for i, c in enumerate(clients[:2]):
+        batches = math.ceil((32 + 16 * i) / 16)
+        for n, entry in enumerate(report["rounds"], start=1):
+            spent = Accountant()
+            spent.step(z, 1 / batches, batches * n)
+            assert entry["client_metrics"][c]["dp/epsilon"] == pytest.approx(
+                spent.epsilon(1e-5), rel=1e-9
+            )
+    assert sorted(report["rounds"][1]["samples"]) == ["c1", "c2"]
+    assert "LocalDP: target_epsilon=" in f.log("c3")
+    assert "left the federation" in f.log("c3")
+    assert (f.root / "c1" / "fedavg" / "t" / "c1" / "state" / "local-dp-accountant.json").is_file()
+
+
+def test_local_dp_clips_each_examples_gradient_and_refuses_batchnorm(fed: Any) -> None:
+    """No noise and max_grad_norm 1e-4: every step moves the model by at most lr * 1e-4,
+    so a round of 4 steps at lr 1 moves it by at most 4e-4 (plain training moves it by
+    far more). A module with BatchNorm is refused up front, naming the layer."""
+    clients = CLIENTS[:2]
+    dp = {"differential_privacy": LocalDP(noise_multiplier=0.0, max_grad_norm=1e-4)}
+    f = run(fed, "clip", 1, {}, client=dp, party={"lr": 1.0}, clients=clients)
+    ok(f, [*clients, "agg"])
+    moved = float(change(f.out("agg") / "final.safetensors").norm())
+    assert 0 < moved <= 4 * 1e-4 + 1e-7
+    bn = fed("c1", folder="batchnorm")
+    bn.start("c1", "client", {**FAST, **dp}, {"opts": {"batchnorm": True}})
+    assert bn.wait(timeout=120) == {"c1": 1}
+    log = bn.log("c1")
+    assert "LocalDP cannot compute per-example gradients of TinyNet" in log
+    assert "BatchNorm" in log and "GroupNorm" in log
