@@ -9,7 +9,10 @@ spread, the clipping bound, the library's epsilon, a stop at the target.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from safetensors.torch import load_file
 
 from lightning_fed.privacy import (
     Accountant,
+    AdaptiveClipping,
     DifferentialPrivacy,
     LocalDP,
     SecureAggregation,
@@ -236,3 +240,37 @@ def test_local_dp_clips_each_examples_gradient_and_refuses_batchnorm(fed: Any) -
     log = bn.log("c1")
     assert "LocalDP cannot compute per-example gradients of TinyNet" in log
     assert "BatchNorm" in log and "GroupNorm" in log
+
+
+def test_adaptive_clipping_and_the_privacy_spent_survive_an_aggregator_restart(fed: Any) -> None:
+    """Adaptive clipping from a bound far below every update's norm; the aggregator is
+    killed in round 3 and restarted with recovery. Every round's reported clip follows
+    the geometric rule from the previous round's noised fraction (across the restart),
+    and epsilon keeps counting from round 2's, as the accountant counts 1..5 rounds."""
+    z, rate = 1.0, 0.5
+    adaptive = AdaptiveClipping(initial=1e-4, learning_rate=rate, count_stddev=1.0)
+    dp = DifferentialPrivacy(noise_multiplier=z, clip=adaptive)
+    f = fed("c1", "c2")
+    f.start("c1", "client", FAST, {"opts": {"slow_in_round": 3, "slow_seconds": 3}})
+    f.start("c2", "client", FAST)
+    agg = {**FAST, "rounds": 5, "recovery": True, "differential_privacy": dp}
+    first = f.start("agg", "aggregator", agg, key="agg-1")
+    f.wait_for_log("agg", "round 3 started")
+    os.kill(first.pid, signal.SIGKILL)
+    first.join(10)
+    f.start("agg", "aggregator", agg, key="agg-2")
+    codes = f.wait()
+    assert codes == {"c1": 0, "c2": 0, "agg-1": -signal.SIGKILL, "agg-2": 0}, f.log("agg")
+    rounds = f.report()["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+    clips = [r["privacy"]["clip"] for r in rounds]
+    assert clips[0] == pytest.approx(1e-4)
+    for before, after in itertools.pairwise(rounds):
+        p = before["privacy"]
+        want = p["clip"] * math.exp(-rate * (p["unclipped_fraction"] - 0.5))
+        assert after["privacy"]["clip"] == pytest.approx(want, rel=1e-9)
+    for n, r in enumerate(rounds, start=1):
+        acc = Accountant()
+        acc.step(z, 1.0, n)
+        assert r["privacy"]["epsilon"] == pytest.approx(acc.epsilon(1e-5), rel=1e-9)
+    assert "resuming after round 2" in f.log("agg")
