@@ -98,7 +98,7 @@ def _party(root: str, node: str, index: int, cfg: dict[str, Any], q: Any) -> Non
     if cfg["model"] == "convnet":
         from mnist import ConvNet, MnistData
 
-        model: L.LightningModule = ConvNet()
+        model: L.LightningModule = ConvNet(**cfg.get("model_args", {}))
         data = MnistData(
             client_index=None if index == 0 else index - 1,
             num_clients=clients,
@@ -229,11 +229,19 @@ def secagg(
 
 
 OPACUS_ANCHOR = "Opacus: 96.78% centralised DP-SGD on all 60,000 MNIST images at epsilon 3.01"
-DP_CLIENTS, DP_BATCH, DP_DELTA = 10, 64, 1e-5
+DP_DELTA = 1e-5
 
 
 def dp_accuracy(
-    work: Path, seeds: int, epsilons: list[float], rounds: int, central_clip: float
+    work: Path,
+    seeds: int,
+    epsilons: list[float],
+    rounds: int,
+    central_clip: float,
+    batch: int,
+    model_args: dict[str, float],
+    modes: list[str],
+    clients: int,
 ) -> list[dict[str, Any]]:
     """Held-out accuracy of central DP-FedAvg and local DP-SGD at each epsilon, against
     non-private FedAvg on the same data, per seed."""
@@ -241,25 +249,27 @@ def dp_accuracy(
 
     from lightning_fed.privacy import noise_multiplier_for
 
-    batches = math.ceil(8000 // DP_CLIENTS / DP_BATCH)  # a client's batches per epoch
+    batches = math.ceil(8000 // clients / batch)  # a client's batches per epoch
     runs: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
     for seed in range(seeds):
         plans: list[tuple[str, float | None, dict[str, Any] | None]] = [("none", None, None)]
         for eps in epsilons:
-            plans.append(
-                ("central", eps, {"mode": "central", "epsilon": eps, "clip": central_clip})
-            )
-            noise = noise_multiplier_for(eps, DP_DELTA, 1 / batches, rounds * batches)
-            plans.append(("local", eps, {"mode": "local", "noise": noise, "clip": 1.0}))
+            if "central" in modes:
+                central = {"mode": "central", "epsilon": eps, "clip": central_clip}
+                plans.append(("central", eps, central))
+            if "local" in modes:
+                noise = noise_multiplier_for(eps, DP_DELTA, 1 / batches, rounds * batches)
+                plans.append(("local", eps, {"mode": "local", "noise": noise, "clip": 1.0}))
         for mode, eps, dp in plans:
             cfg = {
-                "name": f"dp-{mode}-{eps}-s{seed}",
+                "name": f"dp-{clients}-{mode}-{eps}-s{seed}",
                 "model": "convnet",
-                "clients": DP_CLIENTS,
+                "clients": clients,
                 "secure": False,
                 "rounds": rounds,
                 "clip": 1.0,
-                "batch_size": DP_BATCH,
+                "batch_size": batch,
+                "model_args": model_args,
                 "seed": seed,
                 "dp": dp,
             }
@@ -300,8 +310,9 @@ def dp_accuracy(
             }
         )
     print(
-        f"\nMNIST, {DP_CLIENTS} IID clients of 800 images, batch {DP_BATCH}, {rounds} rounds of "
-        f"1 local epoch, delta {DP_DELTA:g}, {seeds} seed(s); held-out accuracy"
+        f"\nMNIST, {clients} IID clients of {8000 // clients} images, batch {batch}, "
+        f"{rounds} rounds of 1 local epoch, ConvNet {model_args or 'defaults'}, "
+        f"delta {DP_DELTA:g}, {seeds} seed(s); held-out accuracy"
     )
     print(
         f"{'mode':8s} {'epsilon':>7s} {'acc mean':>8s} {'min':>6s} {'max':>6s} "
@@ -342,6 +353,13 @@ def main() -> None:
     parser.add_argument(
         "--central-clip", type=float, default=0.5, help="central DP: the bound on an update"
     )
+    parser.add_argument("--dp-clients", type=int, default=10, help="DP: clients (8,000 images)")
+    parser.add_argument("--dp-batch", type=int, default=64, help="DP: clients' batch size")
+    parser.add_argument("--dp-lr", type=float, default=0.01, help="DP: the ConvNet's SGD lr")
+    parser.add_argument("--dp-momentum", type=float, default=0.9, help="DP: SGD momentum")
+    parser.add_argument(
+        "--dp-modes", nargs="+", default=["central", "local"], choices=["central", "local"]
+    )
     parser.add_argument("--json", type=Path, help="also write the tables here")
     parser.add_argument("--workdir", type=Path, help="keep the federations' folders here")
     args = parser.parse_args()
@@ -353,7 +371,15 @@ def main() -> None:
             out["secagg"] = secagg(work, args.models, args.clients, args.mb, args.rounds)
         if args.only in (None, "dp"):
             out["dp"] = dp_accuracy(
-                work, args.seeds, args.epsilons, args.dp_rounds, args.central_clip
+                work,
+                args.seeds,
+                args.epsilons,
+                args.dp_rounds,
+                args.central_clip,
+                args.dp_batch,
+                {"lr": args.dp_lr, "momentum": args.dp_momentum},
+                args.dp_modes,
+                args.dp_clients,
             )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -90,8 +90,9 @@ class ClippedMean(Statistic):
         clients = self.model.count
         mean = self.model.compute()  # sum / clients
         add_noise_(mean, self.noise_std / clients, self.generator)
-        for k, t in mean.items():
-            t.add_(self.global_state[k].to(t.dtype))
+        for k, t in mean.items():  # back in the model's dtype (float16 stays float16)
+            base = self.global_state[k]
+            mean[k] = t.add_(base.to(t.dtype)).to(base.dtype)
         return RoundAggregate(mean, {}, clients, self.samples)
 
     def noised_unclipped(self) -> float:

@@ -183,3 +183,37 @@ def test_a_failing_aggregator_rank_aborts_the_clients_with_its_reason(
     for client in ("c1", "c2"):
         assert reason in f.log(client), f.log(client)
     assert took < FAST["calculation_timeout"], took  # told at once, not after a timeout
+
+
+def test_secure_aggregation_with_a_ddp_client_equals_plain_fedavg(fed: Any) -> None:
+    """Only rank 0 of a DDP client runs secure aggregation's steps; what it masks is the
+    model its ranks trained together. The secure round's model equals plain FedAvg's
+    with that client in one process (within the quantisation bound)."""
+    from lightning_fed.privacy import SecureAggregation
+
+    secure = SecureAggregation(clip=0.5, bits=20, timeout=120)
+
+    def run(folder: str, c1: dict[str, Any], c1_party: dict[str, Any], agg: dict[str, Any]) -> Any:
+        f = fed("c1", "c2", "c3", folder=folder)
+        f.start("c1", "client", c1, {"data_seed": 1, **c1_party})
+        f.start("c2", "client", FAST, {"data_seed": 2, "batch_size": 32})
+        f.start("c3", "client", FAST, {"data_seed": 3, "batch_size": 32})
+        f.start("agg", "aggregator", {**FAST, "rounds": 1, "min_clients": 3, **agg})
+        codes = f.wait(600)
+        assert codes == {"c1": 0, "c2": 0, "c3": 0, "agg": 0}, f.log("agg") + f.log("c1")
+        return f
+
+    plain = run("plain", FAST, {"batch_size": 32}, {})
+    masked = run(
+        "secure",
+        DDP,
+        {"batch_size": 16, "strided_ranks": True, **STRIDED},
+        {"secure_aggregation": secure},
+    )
+    assert "secure aggregation among c1, c2, c3" in masked.log("agg")
+    want = _weights(plain.out("agg") / "final.safetensors")
+    got = _weights(masked.out("agg") / "final.safetensors")
+    bound = 0.5 / (2**20 - 1)
+    for k in want:
+        err = float((got[k].double() - want[k].double()).abs().max())
+        assert err <= bound * 1.01 + 1e-5, (k, err)

@@ -173,3 +173,11 @@ def test_settings_are_checked_with_hints() -> None:
         AdaptiveClipping(target_quantile=1.0)
     assert DifferentialPrivacy(target_epsilon=8).noise_multiplier is None
     assert DifferentialPrivacy(1.0, AdaptiveClipping()).adaptive
+
+
+def test_central_dp_keeps_the_models_dtypes() -> None:
+    glob = {"h": torch.zeros(4, dtype=torch.float16), "d": torch.zeros(3, dtype=torch.float64)}
+    stat = ClippedMean(glob, 1.0, 0.1, 0.0, noise_generator(0))
+    stat.add(ClientUpdate("c1", {k: v + 0.25 for k, v in glob.items()}, num_samples=1))
+    mean = stat.result().mean
+    assert mean["h"].dtype == torch.float16 and mean["d"].dtype == torch.float64
