@@ -95,25 +95,30 @@ def _party(root: str, node: str, index: int, cfg: dict[str, Any], q: Any) -> Non
         num_sanity_val_steps=0,
         max_epochs=-1 if role == "client" else None,
     )
-    if cfg["model"] == "convnet":
-        from mnist import ConvNet, MnistData
+    try:
+        if cfg["model"] == "convnet":
+            from mnist import ConvNet, MnistData
 
-        model: L.LightningModule = ConvNet(**cfg.get("model_args", {}))
-        data = MnistData(
-            client_index=None if index == 0 else index - 1,
-            num_clients=clients,
-            batch_size=cfg.get("batch_size", 128),
-            seed=cfg.get("seed", 0),
-        )
-        trainer.fit(model, datamodule=data)
-    else:
-        from bigmodel import Big
-
-        model = Big(cfg["mb"])
-        if role == "client":
-            trainer.fit(model, train_dataloaders=model.loader())
+            model: L.LightningModule = ConvNet(**cfg.get("model_args", {}))
+            data = MnistData(
+                client_index=None if index == 0 else index - 1,
+                num_clients=clients,
+                batch_size=cfg.get("batch_size", 128),
+                seed=cfg.get("seed", 0),
+            )
+            trainer.fit(model, datamodule=data)
         else:
-            trainer.fit(model, val_dataloaders=model.loader())
+            from bigmodel import Big
+
+            model = Big(cfg["mb"])
+            if role == "client":
+                trainer.fit(model, train_dataloaders=model.loader())
+            else:
+                trainer.fit(model, val_dataloaders=model.loader())
+    except Exception as exc:  # e.g. DP noise drove the model to NaN: the round fails
+        failed = {"failed": f"{type(exc).__name__}: {exc}"[:300]}
+        q.put((node, vars(strategy.traffic), failed if role == "aggregator" else None))
+        return
     report = strategy.final_report if role == "aggregator" else None
     q.put((node, vars(strategy.traffic), report))
 
@@ -156,6 +161,8 @@ def federation(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     traffic = {node: t for node, t, _ in got}
     report = next(r for node, _, r in got if node == "aggregator")
     assert report is not None, f"{name}: the aggregator made no report"
+    if "failed" in report:
+        return {"name": name, **cfg, "failed": report["failed"]}
     seconds = [r["seconds"] for r in report["rounds"]][1:] or [report["rounds"][0]["seconds"]]
     rounds = cfg["rounds"]
     per_client = [t for node, t in traffic.items() if node != "aggregator"]
@@ -170,6 +177,53 @@ def federation(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         "final": report.get("rounds", [{}])[-1].get("metrics", {}),
         "report": report,
     }
+
+
+def secagg_work(mb: int, clients: int) -> dict[str, float]:
+    """Secure aggregation's own computation on the ``mb`` MB model, timed in one process
+    on one thread: what one client adds to its upload (its change, quantised and
+    weighted, masked with its self mask and ``clients - 1`` pairwise masks, packed) and
+    what the aggregator adds to a round of ``clients`` (unpack and add every masked
+    vector, remove every survivor's self mask, dequantise the mean)."""
+    import os
+    import time
+
+    import torch
+    from bigmodel import Big
+
+    from lightning_fed.algorithms.aggregate import spec_of
+    from lightning_fed.privacy import SecureAggregation
+    from lightning_fed.privacy.masking import add_mask
+    from lightning_fed.privacy.quantize import pack, unpack
+    from lightning_fed.privacy.vector import Layout
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    start = {k: v.detach().clone() for k, v in Big(mb).state_dict().items()}
+    trained = {k: v + 1e-3 * torch.randn_like(v) for k, v in start.items()}
+    spec = SecureAggregation(clip=1.0, bits=16).for_round(clients)
+    layout = Layout.of(spec_of(start))
+    seeds = [os.urandom(32) for _ in range(clients)]
+
+    began = time.perf_counter()
+    deltas = {n: t.detach().to(torch.float64, copy=True).sub_(start[n]) for n, t in trained.items()}
+    vector = layout.encode(deltas, {}, 800, spec.quantizer)
+    del deltas
+    for i, seed in enumerate(seeds):
+        add_mask(vector, seed, spec.modulus_bits, subtract=i % 2 == 1)
+    wire = pack(vector, spec.modulus_bits)
+    client = time.perf_counter() - began
+    del vector
+
+    began = time.perf_counter()
+    total = torch.zeros(layout.size, dtype=torch.int64)
+    for _ in range(clients):
+        total.add_(unpack(wire, spec.modulus_bits)).bitwise_and_((1 << spec.modulus_bits) - 1)
+    for seed in seeds:
+        add_mask(total, seed, spec.modulus_bits, subtract=True)
+    layout.mean(total, clients, spec.quantizer)
+    aggregator = time.perf_counter() - began
+    return {"client_s": client, "aggregator_s": aggregator}
 
 
 def secagg(
@@ -206,6 +260,12 @@ def secagg(
                 "bytes_x": masked["client_bytes_per_round"] / plain["client_bytes_per_round"],
                 "sent_x": masked["client_sent_per_round"] / plain["client_sent_per_round"],
             }
+            if model == "big":  # the estimate for clients on machines of their own
+                work_s = secagg_work(mb, clients)
+                row.update(work_s)
+                row["deployed_estimate_x"] = (
+                    plain["round_seconds"] + work_s["client_s"] + work_s["aggregator_s"]
+                ) / plain["round_seconds"]
             rows.append(row)
     size = {"convnet": "ConvNet", "big": f"{mb} MB"}
     print("\nsecure aggregation vs plain FedAvg (same machine, same run)")
@@ -224,6 +284,13 @@ def secagg(
                 f"{mb} MB, {r['clients']} clients: per-round time {r['time_x']:.2f}x plain "
                 f"(target 1.5x: {'met' if r['time_x'] <= 1.5 else 'NOT met'}), bytes per client "
                 f"{r['bytes_x']:.2f}x (target 2x: {'met' if r['bytes_x'] <= 2 else 'NOT met'})"
+            )
+            print(
+                f"  estimate with every client on a machine of its own: plain "
+                f"{r['plain_round_s']:.2f} s + a client's masking {r['client_s']:.2f} s + the "
+                f"aggregator's unmasking {r['aggregator_s']:.2f} s = "
+                f"{r['deployed_estimate_x']:.2f}x plain (one thread each; message latency of "
+                "the unmasking step not included)"
             )
     return rows
 
@@ -274,6 +341,10 @@ def dp_accuracy(
                 "dp": dp,
             }
             r = federation(work, cfg)
+            if "failed" in r:
+                runs.setdefault((mode, eps), []).append({"failed": r["failed"]})
+                print(f"seed {seed} {mode:7s} epsilon {eps}: FAILED: {r['failed']}", flush=True)
+                continue
             report = r["report"]
             acc = float(report["final_metrics"]["val_acc"])
             spent: float | None = None
@@ -292,21 +363,24 @@ def dp_accuracy(
                 "" if spent is None else f", epsilon spent {spent:.3f}, z {noise_multiplier:.3f}"
             )
             print(f"seed {seed} {mode:7s} epsilon {eps}: val_acc {acc:.4f}{shown}", flush=True)
-    base = statistics.fmean(x["accuracy"] for x in runs[("none", None)])
+    base = statistics.fmean(x["accuracy"] for x in runs[("none", None)] if "failed" not in x)
     rows = []
-    for (mode, eps), xs in runs.items():
+    for (mode, eps), every in runs.items():
+        xs = [x for x in every if "failed" not in x]
+        failed = [x["failed"] for x in every if "failed" in x]
         accs = [x["accuracy"] for x in xs]
         rows.append(
             {
                 "mode": mode,
                 "target_epsilon": eps,
                 "seeds": len(xs),
-                "accuracy_mean": statistics.fmean(accs),
-                "accuracy_min": min(accs),
-                "accuracy_max": max(accs),
-                "gap_pp": 100 * (statistics.fmean(accs) - base),
-                "epsilon_spent": max((x["epsilon"] or 0.0) for x in xs) if eps else None,
-                "noise_multiplier": xs[0]["noise_multiplier"],
+                "failed": failed,
+                "accuracy_mean": statistics.fmean(accs) if accs else None,
+                "accuracy_min": min(accs, default=None),
+                "accuracy_max": max(accs, default=None),
+                "gap_pp": 100 * (statistics.fmean(accs) - base) if accs else None,
+                "epsilon_spent": max((x["epsilon"] or 0.0) for x in xs) if eps and xs else None,
+                "noise_multiplier": xs[0]["noise_multiplier"] if xs else None,
             }
         )
     print(
@@ -322,18 +396,24 @@ def dp_accuracy(
         eps = "-" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
         spent = "-" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.3f}"
         z = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
+        failed = f"  ({len(r['failed'])} seed(s) diverged: {r['failed'][0]})" if r["failed"] else ""
+        if r["accuracy_mean"] is None:
+            print(f"{r['mode']:8s} {eps:>7s} every seed failed{failed}")
+            continue
         print(
             f"{r['mode']:8s} {eps:>7s} {r['accuracy_mean']:8.4f} {r['accuracy_min']:6.4f} "
-            f"{r['accuracy_max']:6.4f} {r['gap_pp']:+12.2f}pp {spent:>7s} {z:>7s}"
+            f"{r['accuracy_max']:6.4f} {r['gap_pp']:+12.2f}pp {spent:>7s} {z:>7s}{failed}"
         )
     print(f"anchor: {OPACUS_ANCHOR}")
     for mode in ("central", "local"):
         at8 = [r for r in rows if r["mode"] == mode and r["target_epsilon"] == 8]
         if at8:
-            met = at8[0]["gap_pp"] >= -3
+            gap = at8[0]["gap_pp"]
+            met = gap is not None and gap >= -3 and not at8[0]["failed"]
+            shown = "diverged" if gap is None else f"{gap:+.2f} pp vs non-private"
             print(
-                f"{mode} DP at epsilon 8: {at8[0]['gap_pp']:+.2f} pp vs non-private "
-                f"(target within 3 pp: {'met' if met else 'NOT met'})"
+                f"{mode} DP at epsilon 8: {shown} (target within 3 pp: "
+                f"{'met' if met else 'NOT met'})"
             )
     return rows
 

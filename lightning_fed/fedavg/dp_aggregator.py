@@ -193,6 +193,17 @@ class PrivateRounds:
                 per_round,
                 clients,
             )
+        if self.noise_multiplier > per_round:
+            log.warning(
+                "aggregator: differential privacy: noise multiplier %.3g with %d clients per "
+                "round puts noise of std %.3g x clip on every coordinate of the mean, more than "
+                "any clipped update moves it; expect the model not to learn (client-level DP "
+                "needs noise_multiplier / clients per round well below 1: more clients per "
+                "round, a larger epsilon, or LocalDP)",
+                self.noise_multiplier,
+                per_round,
+                self.noise_multiplier / per_round,
+            )
         if self.noise_multiplier == 0:
             log.warning(
                 "aggregator: differential privacy with noise_multiplier=0 clips the updates but "
