@@ -217,8 +217,10 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
 
     began = time.perf_counter()
     total = torch.zeros(layout.size, dtype=torch.int64)
+    scratch = None  # as SecureRoundServer.add unpacks every client's vector into one
     for _ in range(clients):
-        total.add_(unpack(wire, spec.modulus_bits)).bitwise_and_((1 << spec.modulus_bits) - 1)
+        scratch = unpack(wire, spec.modulus_bits, scratch)
+        total.add_(scratch).bitwise_and_((1 << spec.modulus_bits) - 1)
     for seed in seeds:
         add_mask(total, seed, spec.modulus_bits, subtract=True)
     layout.mean(total, clients, spec.quantizer)

@@ -77,6 +77,7 @@ class SecureRoundServer:
             spec.threshold,
             bytes.fromhex(spec.seed),
         )
+        self._scratch: torch.Tensor | None = None  # where masked vectors are unpacked
 
     @property
     def upload_spec(self) -> dict[str, TensorSpec]:
@@ -193,8 +194,9 @@ class SecureRoundServer:
     def add(self, sender: str, tensors: Mapping[str, torch.Tensor], update: P.Update) -> str | None:
         """Fold in one masked update; returns why it was refused, if so."""
         try:
-            vector = unpack(tensors[MASKED], self.spec.modulus_bits)
+            vector = unpack(tensors[MASKED], self.spec.modulus_bits, self._scratch)
             self.server.add_masked(sender, vector, update.masked_with or [])
+            self._scratch = vector  # it fits: reused for the next client (see unpack)
         except (KeyError, ValueError, SecAggError) as exc:
             return f"its masked vector does not fit: {exc}"
         return None

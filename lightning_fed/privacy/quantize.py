@@ -54,11 +54,16 @@ class Quantizer:
 
     def quantize(self, values: torch.Tensor) -> torch.Tensor:
         """Levels in ``[0, 2**bits - 1]`` as int64 (values clipped first)."""
+        return self.levels_of(values).to(torch.int64)
+
+    def levels_of(self, values: torch.Tensor) -> torch.Tensor:
+        """:meth:`quantize`'s levels as whole float64 numbers (copy them into an int64
+        tensor to skip a temporary)."""
         # In place on one float64 copy: each new 8-byte-per-element temporary costs as
         # much as the arithmetic on a large model.
         scaled = values.detach().to(torch.float64, copy=True)
         scaled.clamp_(-self.clip, self.clip).add_(self.clip).div_(self.step).round_()
-        return scaled.clamp_(0, self.levels - 1).to(torch.int64)
+        return scaled.clamp_(0, self.levels - 1)
 
     def dequantize_mean(self, level_sum: torch.Tensor, weight: float) -> torch.Tensor:
         """The weighted mean of the quantised values from ``sum(w_i * level_i)`` and
@@ -95,8 +100,15 @@ def pack(values: torch.Tensor, modulus_bits: int) -> torch.Tensor:
     return raw[:, :width].contiguous().view(-1)
 
 
-def unpack(data: torch.Tensor, modulus_bits: int) -> torch.Tensor:
+def unpack(data: torch.Tensor, modulus_bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of :func:`pack`.
+
+    Args:
+        out: an int64 tensor of the right size to unpack into, made by an earlier call
+            with ``out=None`` and reused for every vector of one modulus (its bytes above
+            the packed width stay zero, so they need no clearing: on a large model this
+            saves allocating and zeroing a vector per client). One that does not fit
+            is left alone and a new tensor returned.
 
     Raises:
         ValueError: ``data`` is not whole elements of the packed width.
@@ -107,7 +119,12 @@ def unpack(data: torch.Tensor, modulus_bits: int) -> torch.Tensor:
             f"packed residues are a 1-D uint8 tensor of a multiple of {width} bytes, got "
             f"{data.dtype} of shape {tuple(data.shape)}"
         )
-    raw = torch.zeros(data.numel() // width, 8, dtype=torch.uint8)
+    n = data.numel() // width
+    fits = out is not None and out.dtype == torch.int64 and tuple(out.shape) == (n,)
+    if out is not None and fits and out.is_contiguous() and _little_endian():
+        out.view(torch.uint8).view(-1, 8)[:, :width] = data.view(-1, width)
+        return out.bitwise_and_((1 << modulus_bits) - 1)
+    raw = torch.zeros(n, 8, dtype=torch.uint8)
     raw[:, :width] = data.view(-1, width)
     if not _little_endian():
         raw = raw.flip(1)

@@ -82,7 +82,7 @@ class Layout:
             for name in names:
                 n = self.numel(name)
                 part = out[offset : offset + n]
-                part.copy_(quantizer.quantize(source[name].reshape(-1)))
+                part.copy_(quantizer.levels_of(source[name].reshape(-1)))  # exact: whole
                 if w != 1:
                     part.mul_(w)
                 offset += n

@@ -87,3 +87,17 @@ def test_bad_settings_are_refused() -> None:
         layout.encode({"w": torch.zeros(3)}, {}, 0, Quantizer(1.0, 8))
     with pytest.raises(ValueError, match=r"w: shape \(4,\)"):
         layout.encode({"w": torch.zeros(4)}, {}, 1, Quantizer(1.0, 8))
+
+
+def test_unpack_into_a_reused_vector_equals_a_fresh_one() -> None:
+    bits = 38
+    g = torch.Generator().manual_seed(3)
+    first = torch.randint(0, 2**bits, (1000,), generator=g, dtype=torch.int64)
+    second = torch.randint(0, 2**bits, (1000,), generator=g, dtype=torch.int64)
+    scratch = unpack(pack(first, bits), bits)
+    assert torch.equal(scratch, first)
+    again = unpack(pack(second, bits), bits, scratch)
+    assert again is scratch and torch.equal(again, second)
+    # A vector of another size is not unpacked into it (a new one is made).
+    short = unpack(pack(second[:10], bits), bits, scratch)
+    assert short is not scratch and torch.equal(short, second[:10])
