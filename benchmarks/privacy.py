@@ -206,7 +206,7 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
     seeds = [os.urandom(32) for _ in range(clients)]
 
     began = time.perf_counter()
-    deltas = {n: t.detach().to(torch.float64, copy=True).sub_(start[n]) for n, t in trained.items()}
+    deltas = {n: t.detach().clone().sub_(start[n]) for n, t in trained.items()}  # as clients
     vector = layout.encode(deltas, {}, 800, spec.quantizer)
     del deltas
     for i, seed in enumerate(seeds):
@@ -223,7 +223,9 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
         total.add_(scratch).bitwise_and_((1 << spec.modulus_bits) - 1)
     for seed in seeds:
         add_mask(total, seed, spec.modulus_bits, subtract=True)
-    layout.mean(total, clients, spec.quantizer)
+    means, _, _ = layout.mean(total, clients, spec.quantizer)
+    for name, mean in means.items():  # as SecureRoundServer.result makes the new model
+        mean.add_(start[name])
     aggregator = time.perf_counter() - began
     return {"client_s": client, "aggregator_s": aggregator}
 

@@ -311,8 +311,14 @@ class ClientHooks(RoleHooks, Checkpoint):
         def upload(role: ClientRole) -> None:
             assert self._secure is not None
             state = federated_state(pl_module, self.names)
+            # The change in the model's precision (at least float32): its rounding (about
+            # 1e-7 of a weight) is far below a quantisation step, and float64 would double
+            # the memory traffic of every pass over a large model.
             deltas = {
-                n: t.detach().to(torch.float64, copy=True).sub_(start[n]) for n, t in state.items()
+                n: t.detach()
+                .to(torch.promote_types(t.dtype, torch.float32), copy=True)
+                .sub_(start[n])
+                for n, t in state.items()
             }
             del state
             weight = seen

@@ -247,10 +247,11 @@ class SecureRoundServer:
         for name, delta in deltas.items():
             base = global_state[name]
             dtype = base.dtype
-            new = delta.to(torch.float64, copy=True).add_(base.detach())
-            if not (dtype.is_floating_point or dtype.is_complex):
-                new = new.round()
-            mean[name] = new.to(dtype)
+            if dtype.is_floating_point or dtype.is_complex:  # in the mean's own precision
+                mean[name] = delta.add_(base.detach().to(delta.dtype)).to(dtype)
+            else:  # integer buffers: exact in float64, then rounded
+                new = delta.to(torch.float64, copy=True).add_(base.detach()).round()
+                mean[name] = new.to(dtype)
         return RoundAggregate(mean, extras, len(survivors), float(weight))
 
 

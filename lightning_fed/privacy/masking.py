@@ -35,8 +35,8 @@ def add_mask(
         part = vector[start : start + CHUNK]
         size = part.numel() * 8
         stream.update_into(zeros[:size], out)
-        words = torch.frombuffer(out, dtype=torch.int64, count=part.numel())
-        mask = words.bitwise_and(modulus)
+        mask = torch.frombuffer(out, dtype=torch.int64, count=part.numel())
+        mask.bitwise_and_(modulus)  # in the keystream's own buffer: no temporary
         if subtract:
             part.sub_(mask)
         else:
