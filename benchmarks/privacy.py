@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -58,7 +59,9 @@ def _party(root: str, node: str, index: int, cfg: dict[str, Any], q: Any) -> Non
     warnings.filterwarnings("ignore")
     import logging
 
-    logging.getLogger("lightning_fed").setLevel(logging.WARNING)
+    logging.getLogger("lightning_fed").setLevel(os.environ.get("BENCH_LOG_LEVEL", "WARNING"))
+    if os.environ.get("BENCH_LOG_LEVEL"):
+        logging.basicConfig(format="%(asctime)s.%(msecs)03d %(message)s", datefmt="%H:%M:%S")
     import lightning.pytorch as L
     import torch
 
@@ -192,8 +195,9 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
     from bigmodel import Big
 
     from lightning_fed.algorithms.aggregate import spec_of
+    from lightning_fed.fedavg.secure_client import _beyond
     from lightning_fed.privacy import SecureAggregation
-    from lightning_fed.privacy.masking import add_mask
+    from lightning_fed.privacy.masking import MaskSum
     from lightning_fed.privacy.quantize import pack, unpack
     from lightning_fed.privacy.vector import Layout
 
@@ -207,11 +211,13 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
 
     began = time.perf_counter()
     deltas = {n: t.detach().clone().sub_(start[n]) for n, t in trained.items()}  # as clients
+    clipped = sum(_beyond(t, spec.clip) for t in deltas.values())  # the client's warning
     vector = layout.encode(deltas, {}, 800, spec.quantizer)
-    del deltas
+    del deltas, clipped
+    masks = MaskSum(vector, spec.modulus_bits)  # as SecAggClient.mask adds them
     for i, seed in enumerate(seeds):
-        add_mask(vector, seed, spec.modulus_bits, subtract=i % 2 == 1)
-    wire = pack(vector, spec.modulus_bits)
+        masks.add(seed, subtract=i % 2 == 1)
+    wire = pack(masks.reduce(), spec.modulus_bits)
     client = time.perf_counter() - began
     del vector
 
@@ -221,8 +227,10 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
     for _ in range(clients):
         scratch = unpack(wire, spec.modulus_bits, scratch)
         total.add_(scratch).bitwise_and_((1 << spec.modulus_bits) - 1)
+    masks = MaskSum(total, spec.modulus_bits)  # as SecAggServer.unmask takes them out
     for seed in seeds:
-        add_mask(total, seed, spec.modulus_bits, subtract=True)
+        masks.add(seed, subtract=True)
+    masks.reduce()
     means, _, _ = layout.mean(total, clients, spec.quantizer)
     for name, mean in means.items():  # as SecureRoundServer.result makes the new model
         mean.add_(start[name])

@@ -17,11 +17,18 @@ SEED_BYTES = 32
 
 
 def add_mask(
-    vector: torch.Tensor, seed: bytes, modulus_bits: int, *, subtract: bool = False
+    vector: torch.Tensor,
+    seed: bytes,
+    modulus_bits: int,
+    *,
+    subtract: bool = False,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """``vector (+|-) mask(seed)`` modulo ``2**modulus_bits``, in place; returns ``vector``.
 
-    ``vector`` is a 1-D int64 tensor of residues.
+    ``vector`` is a 1-D int64 tensor of residues. With ``reduce=False`` the result is
+    left unreduced (it lies within ``2**modulus_bits`` of the input): :class:`MaskSum`
+    adds many masks and reduces only as often as int64 needs.
     """
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
@@ -41,8 +48,39 @@ def add_mask(
             part.sub_(mask)
         else:
             part.add_(mask)
-        part.bitwise_and_(modulus)
+        if reduce:
+            part.bitwise_and_(modulus)
     return vector
+
+
+class MaskSum:
+    """Adds and subtracts masks on one vector of residues, reducing it modulo
+    ``2**modulus_bits`` only when int64 could otherwise overflow (one pass over the
+    vector per mask saved; with a 38-bit modulus, one reduction for millions of masks).
+
+    Args:
+        vector: 1-D int64 residues in ``[0, 2**modulus_bits)``, changed in place.
+        modulus_bits: the modulus, at most 62 bits.
+    """
+
+    def __init__(self, vector: torch.Tensor, modulus_bits: int) -> None:
+        self.vector = vector
+        self.modulus_bits = modulus_bits
+        # |vector| < (pending + 1) * 2**bits must stay below 2**62.
+        self.limit = max(1, 2 ** max(0, 62 - modulus_bits) - 2)
+        self.pending = 0
+
+    def add(self, seed: bytes, *, subtract: bool = False) -> None:
+        if self.pending >= self.limit:
+            self.reduce()
+        add_mask(self.vector, seed, self.modulus_bits, subtract=subtract, reduce=False)
+        self.pending += 1
+
+    def reduce(self) -> torch.Tensor:
+        """The vector, reduced to residues again."""
+        self.vector.bitwise_and_((1 << self.modulus_bits) - 1)
+        self.pending = 0
+        return self.vector
 
 
 def mask(seed: bytes, size: int, modulus_bits: int) -> torch.Tensor:

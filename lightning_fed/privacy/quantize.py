@@ -61,9 +61,13 @@ class Quantizer:
         tensor to skip a temporary)."""
         # In place on one float64 copy: each new 8-byte-per-element temporary costs as
         # much as the arithmetic on a large model.
-        scaled = values.detach().to(torch.float64, copy=True)
-        scaled.clamp_(-self.clip, self.clip).add_(self.clip).div_(self.step).round_()
-        return scaled.clamp_(0, self.levels - 1)
+        scaled = values.detach().to(torch.float64, copy=True).clamp_(-self.clip, self.clip)
+        # (x + clip) / step in one pass: clip / step + x * (1 / step); x in [-clip, clip]
+        # lands in [0, levels - 1] up to rounding, which round() absorbs.
+        inverse = 1.0 / self.step
+        offset = torch.tensor(self.clip * inverse, dtype=torch.float64)
+        torch.add(offset, scaled, alpha=inverse, out=scaled)
+        return scaled.round_().clamp_(0, self.levels - 1)
 
     def dequantize_mean(self, level_sum: torch.Tensor, weight: float) -> torch.Tensor:
         """The weighted mean of the quantised values from ``sum(w_i * level_i)`` and

@@ -52,7 +52,7 @@ from lightning_fed.privacy.keys import (
     seal,
     unseal,
 )
-from lightning_fed.privacy.masking import SEED_BYTES, add_mask
+from lightning_fed.privacy.masking import SEED_BYTES, MaskSum
 
 #: Bytes of one relayed share pair once sealed: nonce, two shares, tag.
 SEALED_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
@@ -269,13 +269,14 @@ class SecAggClient:
         roster = self._need_roster()
         if self.node not in maskers:
             raise SecAggError(f"client {self.node!r} was left out of this round's masking")
-        add_mask(vector, self._b, modulus_bits)
+        masks = MaskSum(vector, modulus_bits)
+        masks.add(self._b)
         allowed = set(maskers)
         self.masked_with = sorted(j for j in self._held if j in allowed)
         for j in self.masked_with:
             seed = self._s.agree(roster.adverts[j].s, MASK_LABEL, self.context)
-            add_mask(vector, seed, modulus_bits, subtract=not pair_sign(self.node, j))
-        return vector
+            masks.add(seed, subtract=not pair_sign(self.node, j))
+        return masks.reduce()
 
     def reveal(self, survivors: Sequence[str]) -> Reveal:
         """Step 6: for each neighbour whose shares this client holds, its self-mask share
@@ -494,8 +495,8 @@ class SecAggServer:
                 shares); names the clients and what was missing.
         """
         roster = self._need_roster()
-        modulus = (1 << self.modulus_bits) - 1
         total = self.total.clone()
+        masks = MaskSum(total, self.modulus_bits)
         failures = []
         for node, (kind, holders) in sorted(self.needed().items()):
             shares = {}
@@ -526,14 +527,14 @@ class SecAggServer:
                 culprit = roster.nodes[x - 1]
                 self.bad_reveals[culprit] = f"sent a wrong share of {node}'s secret"
             if kind == "b":
-                add_mask(total, secret, self.modulus_bits, subtract=True)
+                masks.add(secret, subtract=True)
                 continue
             dropped_key = KeyPair(secret)
             for j in self.masked:
                 if node in self.masked_with[j]:
                     seed = dropped_key.agree(roster.adverts[j].s, MASK_LABEL, self.context)
                     # j added its share of the pair's mask with j's sign: take it back.
-                    add_mask(total, seed, self.modulus_bits, subtract=pair_sign(j, node))
+                    masks.add(seed, subtract=pair_sign(j, node))
         if failures:
             raise SecAggError(
                 "secure aggregation cannot recover the sum: too few correct shares of "
@@ -542,7 +543,7 @@ class SecAggServer:
                 "clients may drop out between masking and revealing than the degree minus "
                 "the threshold"
             )
-        return total.bitwise_and_(modulus)
+        return masks.reduce()
 
     def _need_roster(self) -> Roster:
         if self.roster is None:

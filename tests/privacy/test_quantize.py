@@ -101,3 +101,26 @@ def test_unpack_into_a_reused_vector_equals_a_fresh_one() -> None:
     # A vector of another size is not unpacked into it (a new one is made).
     short = unpack(pack(second[:10], bits), bits, scratch)
     assert short is not scratch and torch.equal(short, second[:10])
+
+
+@pytest.mark.parametrize("bits", [20, 38, 61, 62])
+def test_a_mask_sum_reduced_late_equals_one_reduced_every_time(bits: int) -> None:
+    """MaskSum defers the modular reduction as long as int64 allows; the residues are
+    the same as reducing after every mask, and a mask added then subtracted cancels."""
+    import os
+
+    from lightning_fed.privacy.masking import MaskSum, add_mask
+
+    g = torch.Generator().manual_seed(bits)
+    start = torch.randint(0, 2**bits, (5000,), generator=g, dtype=torch.int64)
+    seeds = [os.urandom(32) for _ in range(9)]
+    eager = start.clone()
+    for i, seed in enumerate(seeds):
+        add_mask(eager, seed, bits, subtract=i % 3 == 0)
+    late = MaskSum(start.clone(), bits)
+    for i, seed in enumerate(seeds):
+        late.add(seed, subtract=i % 3 == 0)
+    assert torch.equal(late.reduce(), eager)
+    for i, seed in enumerate(seeds):
+        late.add(seed, subtract=i % 3 != 0)
+    assert torch.equal(late.reduce(), start)
