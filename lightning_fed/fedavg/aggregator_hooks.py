@@ -46,6 +46,9 @@ from lightning_fed.trainer_access import restore_during_setup
 
 log = logging.getLogger(__name__)
 
+#: The aggregator's differential-privacy accounting, written after every round (recovery).
+PRIVACY_LEDGER = "dp-ledger.json"
+
 
 class AggregatorHooks(RoleHooks):
     """The aggregator's side: gather clients, run one round per epoch, publish the result.
@@ -64,7 +67,12 @@ class AggregatorHooks(RoleHooks):
         dp = self.config.differential_privacy
         #: differential privacy across rounds (rank 0), if the run has it
         self.privacy = (
-            PrivateRounds(dp, self.config.secure_aggregation, self.config.rounds)
+            PrivateRounds(
+                dp,
+                self.config.secure_aggregation,
+                self.config.rounds,
+                party.state_dir / PRIVACY_LEDGER if self.config.recovery else None,
+            )
             if isinstance(dp, DifferentialPrivacy) and self.ranks.is_zero
             else None
         )
@@ -164,6 +172,30 @@ class AggregatorHooks(RoleHooks):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._describe_model(pl_module)
         self.ranks.from_zero(self._start)
+        stop = self.ranks.from_zero(self._privacy_stop)
+        if stop is not None:  # a restarted run that had spent its budget: no more rounds
+            trainer.should_stop = True
+            if self.ranks.is_zero:
+                log.warning("aggregator: no more rounds: %s", stop)
+
+    def _privacy_stop(self) -> str | None:
+        """Rank 0: why no round may run now (the target epsilon), or None.
+
+        Raises:
+            FedAvgError: not even the first round fits the target.
+        """
+        if self.privacy is None:
+            return None
+        population = len(self.role.clients)
+        per_round = participants_per_round(self.config.clients_per_round, population)
+        stop = self.privacy.stop_reason(per_round, population)
+        if stop is not None and not self.history:
+            raise FedAvgError(
+                f"differential privacy: the first round already exceeds the budget: {stop}; "
+                "hint: raise noise_multiplier or target_epsilon, or give only target_epsilon "
+                "to let it pick the noise"
+            )
+        return stop
 
     def _start(self) -> None:
         """Rank 0: set the algorithm up, then gather the clients (or find them again)."""
@@ -174,7 +206,9 @@ class AggregatorHooks(RoleHooks):
         if self.privacy is not None:
             expected = self.role.expected_clients
             per_round = participants_per_round(self.config.clients_per_round, expected)
-            self.privacy.setup(self.algorithm, self.model, expected, per_round)
+            self.privacy.setup(
+                self.algorithm, self.model, expected, per_round, self.config.min_clients
+            )
             if self._restored_privacy is not None:
                 self.privacy.load_state_dict(self._restored_privacy)
                 self._restored_privacy = None

@@ -399,4 +399,6 @@ class ClientHooks(RoleHooks, Checkpoint):
     @override
     def detach(self, trainer: pl.Trainer) -> None:
         self._remove_algorithm(trainer)
+        if self.local_dp is not None and self.local_dp in callbacks_of(trainer):
+            callbacks_of(trainer).remove(self.local_dp)
         super().detach(trainer)

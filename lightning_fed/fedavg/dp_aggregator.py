@@ -11,10 +11,13 @@ one subsampled Gaussian mechanism and epsilon is reported.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,10 +98,16 @@ class ClippedMean(Statistic):
             mean[k] = t.add_(base.to(t.dtype)).to(base.dtype)
         return RoundAggregate(mean, {}, clients, self.samples)
 
-    def noised_unclipped(self) -> float:
-        """The count of unclipped updates plus its noise (what adaptive clipping sees)."""
+    def noised_fraction(self) -> float:
+        """The fraction of unclipped updates as adaptive clipping sees it, privately:
+        ``(sum(b_i - 1/2) + noise) / clients + 1/2`` with ``b_i`` = 1 if client ``i``'s
+        update fit. Centring the indicators gives the sum a sensitivity of 1/2, which
+        is what :func:`~lightning_fed.privacy.dp.update_noise_multiplier` assumes
+        (Andrew et al. 2021; TensorFlow Privacy's quantile estimator does the same)."""
+        clients = self.model.count
         noise = torch.randn((), generator=self.generator, dtype=torch.float64).item()
-        return self.unclipped + self.count_std * noise
+        centred = self.unclipped - clients / 2 + self.count_std * noise
+        return centred / max(clients, 1) + 0.5
 
 
 @dataclass
@@ -138,11 +147,18 @@ class PrivateRounds:
     """
 
     def __init__(
-        self, settings: DifferentialPrivacy, secure: SecureAggregation | None, rounds: int
+        self,
+        settings: DifferentialPrivacy,
+        secure: SecureAggregation | None,
+        rounds: int,
+        ledger: Path | None = None,
     ) -> None:
         self.settings = settings
         self.secure = secure
         self.rounds = rounds
+        #: where every round's accounting is written as soon as it is made (recovery)
+        self.ledger = ledger
+        self.smallest = 1  # the fewest updates a round can be made of (min_clients)
         self.clip = settings.initial_clip
         self.noise_multiplier = settings.noise_multiplier
         self.accountant = Accountant(settings.accountant)
@@ -155,13 +171,22 @@ class PrivateRounds:
         return self.secure is not None
 
     # -- before round 1 ---------------------------------------------------------------------
-    def setup(self, algorithm: Algorithm, model: ModelSpec, clients: int, per_round: int) -> None:
+    def setup(
+        self,
+        algorithm: Algorithm,
+        model: ModelSpec,
+        clients: int,
+        per_round: int,
+        min_clients: int = 1,
+    ) -> None:
         """Check the model and the algorithm; pick the noise for a target epsilon.
 
         Raises:
             FedAvgError: a federated tensor is not floating point, the algorithm uploads
-                tensors of its own, or the secure quantisation range is too narrow.
+                tensors of its own, adaptive clipping's count noise is too small, or the
+                secure quantisation range is too narrow.
         """
+        self.smallest = max(1, min(min_clients, per_round))
         ints = sorted(n for n, s in model.tensors.items() if not s.dtype.is_floating_point)
         if ints:
             raise FedAvgError(
@@ -209,14 +234,18 @@ class PrivateRounds:
                 "aggregator: differential privacy with noise_multiplier=0 clips the updates but "
                 "promises no privacy (epsilon is infinite)"
             )
+        self._noise(per_round)  # adaptive clipping's count noise must leave the updates some
         if self.secure is not None:
-            std = self.noise_multiplier * self.clip / math.sqrt(max(3, per_round))
+            # The smallest round gives each client the largest share of the noise.
+            smallest = max(3, self.smallest)
+            std = self.noise_multiplier * self.clip / math.sqrt(smallest)
             room = self.clip + NOISE_ROOM * std
             if self.secure.clip < room:
                 raise FedAvgError(
                     f"secure aggregation's clip={self.secure.clip:g} is too narrow for "
                     f"distributed DP: a clipped update's coordinate reaches {self.clip:g}, and "
-                    f"each client's noise has standard deviation up to {std:.3g}; hint: "
+                    f"in a round of {smallest} clients (min_clients) each client's noise has "
+                    f"standard deviation {std:.3g}; hint: "
                     f"SecureAggregation(clip={math.ceil(room * 10) / 10:g}) or more"
                 )
 
@@ -232,7 +261,9 @@ class PrivateRounds:
             return update_noise_multiplier(z, count_std), count_std
         except ValueError as exc:
             raise FedAvgError(
-                f"adaptive clipping: {exc}; hint: raise AdaptiveClipping(count_stddev=...)"
+                f"adaptive clipping with {clients} clients per round: {exc}; hint: "
+                f"AdaptiveClipping(count_stddev={math.ceil(z * 0.5 * 1.2 * 100) / 100:g}) or "
+                "more, or a smaller noise multiplier"
             ) from None
 
     def statistic(self, global_state: Mapping[str, torch.Tensor], clients: int) -> Statistic:
@@ -267,11 +298,12 @@ class PrivateRounds:
             effective *= math.sqrt(summed / chosen)
         if stat is not None and isinstance(self.settings.clip, AdaptiveClipping):
             adaptive = self.settings.clip
-            fraction = stat.noised_unclipped() / max(summed, 1)
+            fraction = stat.noised_fraction()
             self.clip = next_clip(
                 self.clip, fraction, adaptive.target_quantile, adaptive.learning_rate
             )
         self.accountant.step(effective, rate)
+        self._write_ledger()
         return RoundPrivacy(
             self.accountant.epsilon(self.settings.delta), effective, rate, clip, fraction
         )
@@ -282,9 +314,10 @@ class PrivateRounds:
         if target is None:
             return None
         rate = min(1.0, chosen / max(population, 1))
-        ahead = self.accountant.epsilon_after(
-            self.settings.delta, self.noise_multiplier or 0.0, rate
-        )
+        z = self.noise_multiplier or 0.0
+        if self.distributed:  # the worst case: all but min_clients drop out with their noise
+            z *= math.sqrt(min(self.smallest, chosen) / max(chosen, 1))
+        ahead = self.accountant.epsilon_after(self.settings.delta, z, rate)
         if ahead <= target:
             return None
         return (
@@ -296,16 +329,58 @@ class PrivateRounds:
     # -- recovery --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            "settings": self.settings.describe(),
+            "secure": self.distributed,
             "clip": self.clip,
             "noise_multiplier": self.noise_multiplier,
             "accountant": self.accountant.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Carry on from a checkpoint (or the ledger, if it recorded more rounds).
+
+        Raises:
+            FedAvgError: the checkpoint was made with other privacy settings.
+        """
+        mine = {"settings": self.settings.describe(), "secure": self.distributed}
+        theirs = {"settings": state.get("settings"), "secure": state.get("secure")}
+        if json.loads(json.dumps(mine)) != theirs:
+            raise FedAvgError(
+                f"the recovery checkpoint was made with differential privacy {theirs}, this "
+                f"run has {mine}; hint: restart with the same settings, or give the new run "
+                "its own state_dir (the privacy already spent cannot be forgotten)"
+            )
+        ledger = self._read_ledger()
+        if ledger is not None and Accountant.from_state(ledger["accountant"]).steps > (
+            Accountant.from_state(dict(state["accountant"])).steps
+        ):
+            log.warning(
+                "aggregator: differential privacy: a round after the last checkpoint was "
+                "already released; its privacy is counted (from %s)",
+                self.ledger,
+            )
+            state = ledger
         self.clip = float(state["clip"])
         nm = state.get("noise_multiplier")
         self.noise_multiplier = None if nm is None else float(nm)
         self.accountant = Accountant.from_state(dict(state["accountant"]))
+
+    def _write_ledger(self) -> None:
+        if self.ledger is None:
+            return
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.ledger.with_name(self.ledger.name + ".tmp")
+        tmp.write_text(json.dumps(self.state_dict()))
+        os.replace(tmp, self.ledger)
+
+    def _read_ledger(self) -> dict[str, Any] | None:
+        if self.ledger is None or not self.ledger.is_file():
+            return None
+        try:
+            return dict(json.loads(self.ledger.read_text()))
+        except (OSError, ValueError) as exc:
+            log.warning("aggregator: ignored the privacy ledger %s: %s", self.ledger, exc)
+            return None
 
     def describe(self) -> dict[str, Any]:
         """The report's ``privacy`` section."""

@@ -119,6 +119,12 @@ class DifferentialPrivacy:
             )
         if noise_multiplier is not None:
             check_number(f"{owner}: noise_multiplier", noise_multiplier, at_least=0)
+            if noise_multiplier == 0 and target_epsilon is not None:
+                raise SettingError(
+                    f"{owner}: noise_multiplier=0 spends an infinite epsilon in one round, so "
+                    f"target_epsilon={target_epsilon!r} can never be kept; hint: drop "
+                    "noise_multiplier to let the target pick it"
+                )
         if not isinstance(clip, AdaptiveClipping):
             check_number(f"{owner}: clip", clip, above=0)
             clip = float(clip)
@@ -193,6 +199,12 @@ class LocalDP:
             f"{owner}: noise_multiplier", noise_multiplier, at_least=0
         )
         self.max_grad_norm = check_number(f"{owner}: max_grad_norm", max_grad_norm, above=0)
+        if self.noise_multiplier == 0 and target_epsilon is not None:
+            raise SettingError(
+                f"{owner}: noise_multiplier=0 spends an infinite epsilon in one step, so "
+                f"target_epsilon={target_epsilon!r} can never be kept; hint: give a noise "
+                "multiplier > 0 (opacus.accountants.utils.get_noise_multiplier finds one)"
+            )
         self.delta = _delta(owner, delta)
         self.target_epsilon = _target(owner, target_epsilon)
         self.accountant = _accountant(owner, accountant)
@@ -219,12 +231,12 @@ class DistributedNoise:
     @classmethod
     def parse(cls, body: Any) -> DistributedNoise:
         """Raises ValueError naming what does not fit."""
-        try:
-            out = cls(float(body["clip"]), float(body["std"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"differential privacy settings {body!r} do not fit: {exc}") from None
-        if not (
-            math.isfinite(out.clip) and out.clip > 0 and math.isfinite(out.std) and out.std >= 0
-        ):
-            raise ValueError(f"differential privacy settings {body!r} are out of range")
+        rule = "an object with a number 'clip' > 0 and a number 'std' >= 0"
+        values = [body.get(k) if isinstance(body, dict) else None for k in ("clip", "std")]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"the round's differential privacy settings {body!r}: need {rule}")
+        out = cls(float(values[0]), float(values[1]))  # type: ignore[arg-type]
+        finite = math.isfinite(out.clip) and math.isfinite(out.std)
+        if not (finite and out.clip > 0 and out.std >= 0):
+            raise ValueError(f"the round's differential privacy settings {body!r}: need {rule}")
         return out

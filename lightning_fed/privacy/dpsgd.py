@@ -95,6 +95,13 @@ class DPSGDCallback(Callback):
                 f"client {self.node!r}: LocalDP inside a DDP party is not supported yet; "
                 "hint: run the client on one device"
             )
+        if str(trainer.precision) == "16-mixed":
+            raise SettingError(
+                f"client {self.node!r}: LocalDP with precision='16-mixed': the gradient scaler "
+                "unscales the summed gradient, not the per-example ones Opacus clips; hint: "
+                "use precision='bf16-mixed' or '32-true'"
+            )
+        self._close()  # hooks left by a fit that failed
         self._grad_sample = opacus.GradSampleModule(pl_module, batch_first=True)
         self._load()
 
@@ -121,6 +128,17 @@ class DPSGDCallback(Callback):
         from opacus.optimizers import DPOptimizer
 
         self.sample_rate = 1.0 / batches
+        target = self.settings.target_epsilon
+        if target is not None and self.accountant.steps == 0:
+            first = self.accountant.epsilon_after(
+                self.settings.delta, self.settings.noise_multiplier, self.sample_rate, batches
+            )
+            if first > target:
+                raise SettingError(
+                    f"client {self.node!r}: LocalDP: one epoch of {batches} steps already "
+                    f"spends epsilon {first:.4g} > target_epsilon={target:g} (delta "
+                    f"{self.settings.delta:g}); hint: raise noise_multiplier"
+                )
         wrapped = DPOptimizer(
             optimizers[0],
             noise_multiplier=self.settings.noise_multiplier,
@@ -149,6 +167,17 @@ class DPSGDCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self.accountant.steps:
+            self._save()  # every step taken counts, whatever stopped the fit
+        self._close()
+
+    def _close(self) -> None:
         if self._grad_sample is not None:
             self._grad_sample._close()  # removes the hooks; the module is as it was
             self._grad_sample = None

@@ -152,7 +152,7 @@ def test_distributed_dp_noise_from_a_target_epsilon(fed: Any) -> None:
         fed,
         "target",
         2,
-        {"differential_privacy": dp, "secure_aggregation": secure},
+        {"differential_privacy": dp, "secure_aggregation": secure, "min_clients": 5},
         party={"lr": 0.0},
     )
     ok(f, [*CLIENTS, "agg"])

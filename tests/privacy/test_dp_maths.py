@@ -4,6 +4,7 @@ and the accountant against the library and a closed form."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,61 @@ def test_central_dp_keeps_the_models_dtypes() -> None:
     stat.add(ClientUpdate("c1", {k: v + 0.25 for k, v in glob.items()}, num_samples=1))
     mean = stat.result().mean
     assert mean["h"].dtype == torch.float16 and mean["d"].dtype == torch.float64
+
+
+def test_adaptive_clippings_count_has_sensitivity_one_half() -> None:
+    """The noised fraction comes from sum(b_i - 1/2): one client more or less moves that
+    sum by exactly 1/2, the sensitivity the noise split assumes."""
+
+    def centred(norms: list[float]) -> float:
+        stat = ClippedMean({"w": torch.zeros(1)}, 1.0, 0.0, 0.0, noise_generator(0))
+        for i, n in enumerate(norms):
+            stat.add(ClientUpdate(f"c{i}", {"w": torch.tensor([n])}, num_samples=1))
+        fraction = stat.noised_fraction()  # no count noise: the exact fraction
+        assert fraction == pytest.approx(sum(n <= 1.0 for n in norms) / len(norms))
+        return (fraction - 0.5) * len(norms)
+
+    base = [0.5, 2.0, 0.7, 3.0]
+    for extra in (0.1, 5.0):  # a client whose update fits, and one that is clipped
+        assert abs(centred([*base, extra]) - centred(base)) == pytest.approx(0.5)
+
+
+def test_a_budget_one_round_exceeds_is_named_and_zero_noise_cannot_keep_one() -> None:
+    rounds = PrivateRounds(DifferentialPrivacy(noise_multiplier=0.5, target_epsilon=1.0), None, 5)
+    reason = rounds.stop_reason(4, 4)
+    assert reason is not None and "target_epsilon=1 reached" in reason
+    with pytest.raises(SettingError, match="noise_multiplier=0 spends an infinite epsilon"):
+        DifferentialPrivacy(noise_multiplier=0.0, target_epsilon=8.0)
+    with pytest.raises(SettingError, match="noise_multiplier=0 spends an infinite epsilon"):
+        LocalDP(0.0, target_epsilon=8.0)
+
+
+def test_a_malformed_round_noise_is_named_with_the_rule() -> None:
+    from lightning_fed.privacy.dp_settings import DistributedNoise
+
+    assert DistributedNoise.parse({"clip": 1, "std": 0.5}) == DistributedNoise(1.0, 0.5)
+    for body in ({"clip": True, "std": 0.1}, {"clip": 1.0}, {"clip": 1.0, "std": -1}, [1, 2]):
+        with pytest.raises(ValueError, match="need an object with a number 'clip' > 0"):
+            DistributedNoise.parse(body)
+
+
+def test_recovery_refuses_other_settings_and_counts_rounds_after_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint of other privacy settings is refused; a ledger that recorded a round
+    the checkpoint missed (a crash in between) wins, so that round stays counted."""
+    from lightning_fed.fedavg.errors import FedAvgError
+
+    dp = DifferentialPrivacy(noise_multiplier=1.0, clip=0.5)
+    first = PrivateRounds(dp, None, 10, ledger=tmp_path / "ledger.json")
+    first.statistic({"w": torch.zeros(1)}, 2)
+    first.finish_round(2, 2, 2)
+    checkpoint = first.state_dict()  # saved with round 1
+    first.statistic({"w": torch.zeros(1)}, 2)
+    first.finish_round(2, 2, 2)  # round 2 released; the crash comes before its checkpoint
+    again = PrivateRounds(dp, None, 10, ledger=tmp_path / "ledger.json")
+    again.load_state_dict(checkpoint)
+    assert again.accountant.steps == 2
+    other = PrivateRounds(DifferentialPrivacy(noise_multiplier=2.0, clip=0.5), None, 10)
+    with pytest.raises(FedAvgError, match="made with differential privacy"):
+        other.load_state_dict(checkpoint)
