@@ -274,3 +274,18 @@ def test_adaptive_clipping_and_the_privacy_spent_survive_an_aggregator_restart(f
         acc.step(z, 1.0, n)
         assert r["privacy"]["epsilon"] == pytest.approx(acc.epsilon(1e-5), rel=1e-9)
     assert "resuming after round 2" in f.log("agg")
+
+
+def test_local_dp_sgd_adds_noise_of_the_promised_size(fed: Any) -> None:
+    """One client, plain SGD at lr 1, noise multiplier 50 with max_grad_norm 1 and
+    batches of 16: each of its 2 steps moves every coordinate by noise of std
+    50 * 1 / 16 (Opacus averages the noised sum over the batch), far above what the
+    clipped gradients can move (a norm of at most 1 a step). The round's move has that
+    spread times sqrt(2)."""
+    z = 50.0
+    dp = {"differential_privacy": LocalDP(noise_multiplier=z, max_grad_norm=1.0)}
+    f = run(fed, "noise", 1, {}, client=dp, party={"lr": 1.0}, clients=["c1"])
+    ok(f, ["c1", "agg"])
+    moved = change(f.out("agg") / "final.safetensors")
+    want = z * 1.0 / 16 * math.sqrt(2)
+    assert 0.6 * want <= float(moved.std()) <= 1.4 * want, (float(moved.std()), want)
