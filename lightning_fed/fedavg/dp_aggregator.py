@@ -133,7 +133,7 @@ class RoundPrivacy:
 
     def summary(self) -> dict[str, Any]:
         out = dict(self.__dict__)
-        out["epsilon"] = None if math.isinf(self.epsilon) else self.epsilon  # JSON has no inf
+        out["epsilon"] = _json_float(self.epsilon)
         return out
 
 
@@ -394,4 +394,5 @@ class PrivateRounds:
 
 
 def _json_float(x: float) -> float | None:
+    """JSON has no infinity: an infinite epsilon (no noise) is written as null."""
     return None if math.isinf(x) else x

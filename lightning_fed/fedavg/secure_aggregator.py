@@ -44,11 +44,6 @@ def round_context(task_id: str, round: int, attempt: str) -> bytes:
     return f"{task_id}|{round}|{attempt}".encode()
 
 
-def layout_for(expected: Mapping[str, TensorSpec], extras: Mapping[str, TensorSpec]) -> Layout:
-    """The flat vector of a round: the model's tensors, then the algorithm's extras."""
-    return Layout.of(expected, extras)
-
-
 class SecureRoundServer:
     """One secure round on the aggregator (see :mod:`lightning_fed.privacy.secagg`)."""
 

@@ -10,6 +10,7 @@ party carries on counting.
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -19,14 +20,18 @@ from typing import Any
 ACCOUNTANTS = ("rdp", "prv")
 
 
-def _opacus() -> Any:
+def require_opacus(module: str = "opacus") -> Any:
+    """Import an Opacus module (the accountants, DP-SGD's pieces).
+
+    Raises:
+        ImportError: Opacus is not installed; the message says how to install it.
+    """
     try:
-        import opacus.accountants as accountants
-    except ImportError as exc:  # pragma: no cover - opacus is a dependency of the extra
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - opacus comes with the privacy extra
         raise ImportError(
-            "differential privacy needs opacus; hint: pip install 'lightning-fed[privacy]'"
+            f"differential privacy needs opacus ({exc}); hint: pip install 'lightning-fed[privacy]'"
         ) from exc
-    return accountants
 
 
 class Accountant:
@@ -72,7 +77,7 @@ class Accountant:
             return 0.0
         if any(z == 0 for z, _, _ in self.history):
             return math.inf
-        accountant = _opacus().create_accountant(self.kind)
+        accountant = require_opacus("opacus.accountants").create_accountant(self.kind)
         accountant.history = list(self.history)
         with warnings.catch_warnings():  # "optimal order is the largest alpha": a valid bound
             warnings.simplefilter("ignore", UserWarning)
@@ -102,7 +107,7 @@ def noise_multiplier_for(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return float(
-            _opacus().utils.get_noise_multiplier(
+            require_opacus("opacus.accountants.utils").get_noise_multiplier(
                 target_epsilon=target_epsilon,
                 target_delta=delta,
                 sample_rate=sample_rate,

@@ -9,7 +9,7 @@ from typing import Any
 
 from lightning_fed.algorithms.base import check_number
 from lightning_fed.errors import SettingError
-from lightning_fed.privacy.accounting import ACCOUNTANTS
+from lightning_fed.privacy.accounting import ACCOUNTANTS, require_opacus
 
 
 def _delta(owner: str, delta: object) -> float:
@@ -24,12 +24,9 @@ def _target(owner: str, target: object) -> float | None:
 
 def _accountant(owner: str, kind: object) -> str:
     try:
-        import opacus  # noqa: F401 - the accountants (and LocalDP's DP-SGD) are Opacus'
-    except ImportError:
-        raise SettingError(
-            f"{owner} counts the privacy spent with Opacus, which is not installed; hint: "
-            "pip install 'lightning-fed[privacy]'"
-        ) from None
+        require_opacus()  # the accountants (and LocalDP's DP-SGD) are Opacus'
+    except ImportError as exc:
+        raise SettingError(f"{owner}: {exc}") from None
     if kind not in ACCOUNTANTS:
         raise SettingError(
             f"{owner}: accountant must be one of {', '.join(map(repr, ACCOUNTANTS))}, got "

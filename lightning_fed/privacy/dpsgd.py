@@ -25,27 +25,16 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_fed.errors import SettingError
-from lightning_fed.privacy.accounting import Accountant
+from lightning_fed.privacy.accounting import Accountant, require_opacus
 from lightning_fed.privacy.dp_settings import LocalDP
 
 log = logging.getLogger(__name__)
 
 
-def _opacus() -> Any:
-    try:
-        import opacus
-    except ImportError as exc:  # pragma: no cover - installed with the privacy extra
-        raise ImportError(
-            "LocalDP needs opacus; hint: pip install 'lightning-fed[privacy]'"
-        ) from exc
-    return opacus
-
-
 def module_problems(module: Any) -> list[str]:
     """What keeps Opacus from computing per-example gradients of ``module`` (empty: none)."""
-    from opacus.validators import ModuleValidator
-
-    return [str(e) for e in ModuleValidator.validate(module, strict=False)]
+    validator = require_opacus("opacus.validators").ModuleValidator
+    return [str(e) for e in validator.validate(module, strict=False)]
 
 
 class DPSGDCallback(Callback):
@@ -70,7 +59,6 @@ class DPSGDCallback(Callback):
     # -- setting up ---------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        opacus = _opacus()
         problems = module_problems(pl_module)
         if problems:
             raise SettingError(
@@ -102,7 +90,7 @@ class DPSGDCallback(Callback):
                 "use precision='bf16-mixed' or '32-true'"
             )
         self._close()  # hooks left by a fit that failed
-        self._grad_sample = opacus.GradSampleModule(pl_module, batch_first=True)
+        self._grad_sample = require_opacus().GradSampleModule(pl_module, batch_first=True)
         self._load()
 
     @override
@@ -125,8 +113,6 @@ class DPSGDCallback(Callback):
                 f"client {self.node!r}: LocalDP needs the train dataloader's batch_size "
                 f"(Opacus averages the noised sum over it), got {batch_size!r}"
             )
-        from opacus.optimizers import DPOptimizer
-
         self.sample_rate = 1.0 / batches
         target = self.settings.target_epsilon
         if target is not None and self.accountant.steps == 0:
@@ -139,7 +125,7 @@ class DPSGDCallback(Callback):
                     f"spends epsilon {first:.4g} > target_epsilon={target:g} (delta "
                     f"{self.settings.delta:g}); hint: raise noise_multiplier"
                 )
-        wrapped = DPOptimizer(
+        wrapped = require_opacus("opacus.optimizers").DPOptimizer(
             optimizers[0],
             noise_multiplier=self.settings.noise_multiplier,
             max_grad_norm=self.settings.max_grad_norm,

@@ -30,10 +30,9 @@ from lightning_fed.privacy import (
     noise_multiplier_for,
 )
 from tests.fedavg.parties import TinyNet
+from tests.privacy.federations import CLIENTS, FAST, run
 
 pytestmark = pytest.mark.slow
-FAST = {"schedule_timeout": 60, "calculation_timeout": 60}
-CLIENTS = ["c1", "c2", "c3", "c4", "c5"]
 
 
 def initial_model() -> dict[str, torch.Tensor]:
@@ -47,29 +46,6 @@ def change(path: Path) -> torch.Tensor:
     final, start = load_file(str(path)), initial_model()
     assert set(final) == set(start)
     return torch.cat([(final[k].double() - start[k].double()).reshape(-1) for k in sorted(start)])
-
-
-def run(
-    fed: Any,
-    folder: str,
-    rounds: int,
-    agg: dict[str, Any],
-    client: dict[str, Any] | None = None,
-    party: dict[str, Any] | None = None,
-    clients: list[str] = CLIENTS,
-    agg_party: dict[str, Any] | None = None,
-    each: dict[str, dict[str, Any]] | None = None,
-) -> Any:
-    f = fed(*clients, folder=folder)
-    for i, c in enumerate(clients):
-        f.start(
-            c,
-            "client",
-            {**FAST, **(client or {}), **(each or {}).get(c, {})},
-            {"data_seed": i + 1, "n": 32 + 16 * i, **(party or {})},
-        )
-    f.start("agg", "aggregator", {**FAST, "rounds": rounds, **agg}, agg_party)
-    return f
 
 
 def ok(f: Any, nodes: list[str]) -> None:

@@ -15,34 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_fed.privacy import SecureAggregation
+from tests.privacy.federations import CLIENTS, FAST, run
 
 pytestmark = pytest.mark.slow
-FAST = {"schedule_timeout": 60, "calculation_timeout": 60}
-CLIENTS = ["c1", "c2", "c3", "c4", "c5"]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
-
-
-def run(
-    fed: Any,
-    folder: str,
-    rounds: int,
-    agg: dict[str, Any],
-    client: dict[str, Any] | None = None,
-    parties: dict[str, dict[str, Any]] | None = None,
-) -> Any:
-    f = fed(*CLIENTS, folder=folder)
-    for i, c in enumerate(CLIENTS):
-        f.start(
-            c,
-            "client",
-            {**FAST, **(client or {})},
-            {"data_seed": i + 1, "n": 32 + 16 * i, **(parties or {}).get(c, {})},
-        )
-    f.start("agg", "aggregator", {**FAST, "rounds": rounds, **agg})
-    return f
 
 
 def close(got: Path, want: Path, bound: float) -> None:
