@@ -101,7 +101,8 @@ class SecureRoundClient:
             raise failure
 
     def prepare(self) -> None:
-        """Steps 1, 3 and 4: keys out, shares out, shares in and checked.
+        """Steps 1, 3 and 4: keys out, shares out (then the masks expanded ahead of step 5),
+        shares in and checked.
 
         Raises:
             RoundAbandonedError: the aggregator went on without this client.
@@ -120,6 +121,7 @@ class SecureRoundClient:
             TO + j: torch.frombuffer(bytearray(d), dtype=torch.uint8) for j, d in sealed.items()
         }
         role.send_step(P.SA_SHARES, {}, tensors)
+        self.client.premask(self.spec.modulus_bits)  # while the others share and train
         msg = role.await_step(P.SA_RELAY, self.step_timeout)
         relayed = {
             name[len(FROM) :]: t.numpy().tobytes()

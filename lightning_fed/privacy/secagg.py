@@ -105,6 +105,9 @@ class Roster:
     degree: int
     threshold: int
     seed: bytes
+    #: Elements of every masked vector, so that clients can expand their masks while
+    #: they train (0: not said; they expand them when they mask).
+    size: int = 0
 
     @property
     def nodes(self) -> list[str]:
@@ -123,6 +126,7 @@ class Roster:
             "degree": self.degree,
             "threshold": self.threshold,
             "seed": self.seed.hex(),
+            "size": self.size,
         }
 
     @classmethod
@@ -130,6 +134,9 @@ class Roster:
         """Raises ValueError naming what does not fit."""
         adverts = body.get("adverts")
         degree, threshold, seed = body.get("degree"), body.get("threshold"), body.get("seed")
+        size = body.get("size", 0)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"field 'size' must be a whole number of elements, got {size!r}")
         if not isinstance(adverts, dict) or not adverts:
             raise ValueError(f"field 'adverts' must be a non-empty object, got {adverts!r}")
         if not isinstance(degree, int) or not isinstance(threshold, int):
@@ -139,7 +146,7 @@ class Roster:
         parsed = {str(n): Advert.from_body(a) for n, a in adverts.items() if isinstance(a, dict)}
         if len(parsed) != len(adverts):
             raise ValueError("every advert must be an object")
-        roster = cls(parsed, degree, threshold, bytes.fromhex(seed))
+        roster = cls(parsed, degree, threshold, bytes.fromhex(seed), size)
         roster.graph()  # raises ValueError on an impossible degree
         if not 1 <= threshold <= degree:
             raise ValueError(f"threshold {threshold} must be in [1, degree {degree}]")
@@ -197,6 +204,7 @@ class SecAggClient:
         self.roster: Roster | None = None
         self._held: dict[str, tuple[int, int]] = {}  # neighbour -> (b share, s share)
         self.masked_with: list[str] = []
+        self._premasked: _Premask | None = None
 
     def advertise(self) -> Advert:
         """Step 1."""
@@ -259,23 +267,50 @@ class SecAggClient:
             self._held[sender] = (b, s)
         return problems
 
+    def premask(self, modulus_bits: int) -> None:
+        """Before step 5, while the client trains: expand the self mask and the pairwise
+        mask of every neighbour in the roster into one vector of ``roster.size``
+        residues (the masks do not depend on the update), so that :meth:`mask` adds
+        them in one pass. Costs one int64 vector of memory until then; does nothing
+        when the roster does not say the size."""
+        roster = self._need_roster()
+        if not roster.size:
+            return
+        # One thread: the client is training on the others.
+        masks = MaskSum(torch.zeros(roster.size, dtype=torch.int64), modulus_bits)
+        masks.add(self._b)
+        partners = roster.graph()[self.node]
+        for j in partners:
+            masks.add(self._pair_seed(j), subtract=not pair_sign(self.node, j))
+        self._premasked = _Premask(modulus_bits, frozenset(partners), masks.reduce())
+
+    def _pair_seed(self, j: str) -> bytes:
+        return self._s.agree(self._need_roster().adverts[j].s, MASK_LABEL, self.context)
+
     def mask(self, vector: torch.Tensor, maskers: Sequence[str], modulus_bits: int) -> torch.Tensor:
         """Step 5: ``vector`` masked (in place) with the self mask and the pairwise masks
-        of the neighbours in ``maskers`` (``U2'``) whose shares this client holds.
+        of the neighbours in ``maskers`` (``U2'``) whose shares this client holds (the
+        masks :meth:`premask` expanded, less those of neighbours left out, or expanded
+        now).
 
         Raises:
             SecAggError: this client is not among ``maskers``.
         """
-        roster = self._need_roster()
+        self._need_roster()
         if self.node not in maskers:
             raise SecAggError(f"client {self.node!r} was left out of this round's masking")
-        masks = MaskSum(vector, modulus_bits)
-        masks.add(self._b)
         allowed = set(maskers)
         self.masked_with = sorted(j for j in self._held if j in allowed)
+        masks = MaskSum(vector, modulus_bits, threads=torch.get_num_threads())
+        pre, self._premasked = self._premasked, None
+        if pre is not None and pre.fits(vector, modulus_bits):
+            masks.add_vector(pre.residues)
+            for j in sorted(pre.partners - set(self.masked_with)):  # expanded, not wanted
+                masks.add(self._pair_seed(j), subtract=pair_sign(self.node, j))
+            return masks.reduce()
+        masks.add(self._b)
         for j in self.masked_with:
-            seed = self._s.agree(roster.adverts[j].s, MASK_LABEL, self.context)
-            masks.add(seed, subtract=not pair_sign(self.node, j))
+            masks.add(self._pair_seed(j), subtract=not pair_sign(self.node, j))
         return masks.reduce()
 
     def reveal(self, survivors: Sequence[str]) -> Reveal:
@@ -311,6 +346,18 @@ class SecAggClient:
         if self.roster is None:
             raise SecAggError("the roster step has not happened yet")
         return self.roster
+
+
+@dataclass
+class _Premask:
+    """Masks a client expanded ahead of step 5: the self mask plus every partner's."""
+
+    modulus_bits: int
+    partners: frozenset[str]
+    residues: torch.Tensor
+
+    def fits(self, vector: torch.Tensor, modulus_bits: int) -> bool:
+        return modulus_bits == self.modulus_bits and self.residues.shape == vector.shape
 
 
 class SecAggServer:
@@ -352,6 +399,7 @@ class SecAggServer:
         self.maskers: list[str] = []  # U2'
         self.helpers: list[str] = []  # who answered step 4: they hold shares to reveal
         self.total = torch.zeros(size, dtype=torch.int64)
+        self._sum = MaskSum(self.total, modulus_bits)  # reduced when unmasked
         self.masked: set[str] = set()  # U3
         self.masked_with: dict[str, list[str]] = {}
         self.reveals: dict[str, Reveal] = {}
@@ -381,7 +429,9 @@ class SecAggServer:
         k = min(n - 1, self.degree if self.degree else default_degree(n))
         if k % 2 and n % 2:
             k = k + 1 if k + 1 <= n - 1 else k - 1
-        self.roster = Roster(dict(self.adverts), k, threshold_for(k, self.threshold), self.seed)
+        self.roster = Roster(
+            dict(self.adverts), k, threshold_for(k, self.threshold), self.seed, self.size
+        )
         return self.roster
 
     # -- step 3 ----------------------------------------------------------------------
@@ -439,7 +489,7 @@ class SecAggServer:
             raise SecAggError(
                 f"{sender} masked with {sorted(masked_with)}, expected {sorted(partners)}"
             )
-        self.total.add_(vector).bitwise_and_((1 << self.modulus_bits) - 1)
+        self._sum.add_vector(vector)
         self.masked.add(sender)
         self.masked_with[sender] = sorted(masked_with)
 
@@ -495,8 +545,8 @@ class SecAggServer:
                 shares); names the clients and what was missing.
         """
         roster = self._need_roster()
-        total = self.total.clone()
-        masks = MaskSum(total, self.modulus_bits)
+        total = self._sum.reduce().clone()
+        masks = MaskSum(total, self.modulus_bits, threads=torch.get_num_threads())
         failures = []
         for node, (kind, holders) in sorted(self.needed().items()):
             shares = {}

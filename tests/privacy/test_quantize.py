@@ -77,6 +77,45 @@ def test_packing_keeps_only_the_modulus_bytes() -> None:
         unpack(packed[:-1], 40)
 
 
+@pytest.mark.parametrize("bits", [3, 8, 9, 17, 24, 25, 33, 39, 41, 49, 57, 62])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 9, 1001])
+def test_packing_is_each_residue_s_low_bytes_in_order(bits: int, n: int) -> None:
+    """Every width, including the last elements (whose 8-byte window would run past
+    the buffer) and vectors shorter than one window: the bytes are each residue's
+    little-endian low bytes, element after element, and unpack inverts it."""
+    g = torch.Generator().manual_seed(bits * 1000 + n)
+    x = torch.randint(0, 2**bits, (n,), generator=g, dtype=torch.int64)
+    width = (bits + 7) // 8
+    expected = bytes(b for v in x.tolist() for b in v.to_bytes(8, "little")[:width])
+    packed = pack(x, bits)
+    assert packed.numpy().tobytes() == expected
+    assert torch.equal(unpack(packed, bits), x)
+    # Bits a sender set above the modulus (in its top byte) are dropped, not carried
+    # into the next element.
+    if n and bits % 8:
+        junk = packed.clone().view(-1, width)
+        junk[:, -1] |= 0xFF << (bits % 8) & 0xFF
+        assert torch.equal(unpack(junk.view(-1), bits), x)
+
+
+def test_a_tensor_larger_than_a_chunk_round_trips() -> None:
+    """Layout quantises and dequantises in chunks: tensors that span several chunks
+    and end mid-chunk, next to small ones, land where they belong."""
+    from lightning_fed.privacy.vector import CHUNK
+
+    q = Quantizer(clip=1.0, bits=16)
+    g = torch.Generator().manual_seed(5)
+    values = {"a": torch.rand(2 * CHUNK + 5, generator=g) - 0.5, "b": torch.rand(7, generator=g)}
+    layout = Layout.of({n: TensorSpec.of(t) for n, t in values.items()})
+    vector = layout.encode(values, {}, 3, q)
+    assert torch.equal(vector[: 2 * CHUNK + 5], 3 * q.quantize(values["a"]))
+    assert torch.equal(vector[2 * CHUNK + 5 : -1], 3 * q.quantize(values["b"]))
+    mean, _, weight = layout.mean(vector, 1, q)
+    assert weight == 3
+    for name, t in values.items():
+        assert (mean[name] - t).abs().max().item() <= q.error_bound + 1e-7  # + float32
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="clip"):
         Quantizer(clip=0.0, bits=8)
@@ -124,3 +163,34 @@ def test_a_mask_sum_reduced_late_equals_one_reduced_every_time(bits: int) -> Non
     for i, seed in enumerate(seeds):
         late.add(seed, subtract=i % 3 != 0)
     assert torch.equal(late.reduce(), start)
+
+
+def test_a_mask_is_the_seed_s_keystream_whichever_chunk_or_thread_expands_it() -> None:
+    """Masks are expanded chunk by chunk, each from its own counter block, possibly on
+    several threads: the result is still one AES-CTR keystream from counter zero, read
+    as little-endian words, and a sum of many masks on threads (with reductions forced
+    inside a chunk by a 61-bit modulus) equals adding them one by one."""
+    import os
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from lightning_fed.privacy.masking import CHUNK, MaskSum, add_mask, mask
+
+    bits, size = 39, 2 * CHUNK + 3
+    seed = os.urandom(32)
+    stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    words = torch.frombuffer(bytearray(stream.update(bytes(8 * size))), dtype=torch.int64)
+    assert torch.equal(mask(seed, size, bits), words & (2**bits - 1))
+
+    bits = 61
+    g = torch.Generator().manual_seed(1)
+    start = torch.randint(0, 2**bits, (size,), generator=g, dtype=torch.int64)
+    seeds = [os.urandom(32) for _ in range(5)]
+    one_by_one = start.clone()
+    for i, s in enumerate(seeds):
+        add_mask(one_by_one, s, bits, subtract=i % 2 == 0)
+    threaded = MaskSum(start.clone(), bits, threads=3)
+    threaded.add_vector(start)  # one pending unreduced addition before the masks
+    for i, s in enumerate(seeds):
+        threaded.add(s, subtract=i % 2 == 0)
+    assert torch.equal(threaded.reduce(), (one_by_one + start) & (2**bits - 1))

@@ -37,8 +37,11 @@ def run(
     silent_at_reveal: Collection[str] = (),
     bad_share_from: str | None = None,
     wrong_reveal_from: str | None = None,
+    premask: bool = True,
 ) -> tuple[torch.Tensor, SecAggServer]:
-    """One round; a client 'silent' at a step sends nothing from that step on."""
+    """One round; a client 'silent' at a step sends nothing from that step on. With
+    ``premask`` clients expand their masks right after sharing, as in a federation
+    (before they know who will mask), else when they mask."""
     names = sorted(vectors)
     size = next(iter(vectors.values())).numel()
     server = SecAggServer(CONTEXT, names, size, BITS, degree, threshold, os.urandom(32))
@@ -54,6 +57,8 @@ def run(
             victim = sorted(sealed)[0]
             sealed[victim] = os.urandom(SEALED_BYTES)  # right length, wrong key
         assert server.add_shares(n, sealed) is None
+        if premask:
+            c.premask(BITS)
     checked = {}
     for n, c in clients.items():
         if n not in silent_at_share:
@@ -85,10 +90,11 @@ def plain_sum(vectors: dict[str, torch.Tensor], who: Collection[str]) -> torch.T
     return sum((vectors[n] for n in who), torch.zeros_like(next(iter(vectors.values()))))
 
 
+@pytest.mark.parametrize("premask", [True, False])
 @pytest.mark.parametrize("n", [3, 5, 8, 20])
-def test_the_unmasked_sum_is_the_plain_sum(n: int) -> None:
+def test_the_unmasked_sum_is_the_plain_sum(n: int, premask: bool) -> None:
     vectors = vectors_for(n)
-    total, server = run(vectors)
+    total, server = run(vectors, premask=premask)
     assert torch.equal(total, plain_sum(vectors, vectors))
     assert server.roster is not None and server.roster.degree == min(n - 1, default_degree(n))
 
@@ -134,9 +140,12 @@ def test_both_dropouts_in_one_round() -> None:
     assert torch.equal(total, plain_sum(vectors, server.survivors))
 
 
-def test_a_client_silent_before_sharing_never_masks() -> None:
+@pytest.mark.parametrize("premask", [True, False])
+def test_a_client_silent_before_sharing_never_masks(premask: bool) -> None:
+    """Its neighbours expanded their masks with it ahead of time (premask) and must
+    take them out again when they learn it is not among the maskers."""
     vectors = vectors_for(5)
-    total, server = run(vectors, silent_at_share={"c0"})
+    total, server = run(vectors, silent_at_share={"c0"}, premask=premask)
     assert server.maskers == ["c1", "c2", "c3", "c4"]
     assert torch.equal(total, plain_sum(vectors, server.maskers))
 
