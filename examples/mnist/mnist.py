@@ -153,15 +153,42 @@ def labels_of(dataset: torch.utils.data.Dataset) -> list[int]:
     return [int(y) for y in dataset.targets]  # type: ignore[attr-defined]
 
 
-class ConvNet(L.LightningModule):
-    """The seed's ConvNet: conv 1->10 k5, conv 10->20 k5, dropout2d, fc 320->50->10."""
+#: The ConvNet's activations by name.
+ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 
-    def __init__(self, lr: float = 0.01, momentum: float = 0.9) -> None:
+
+class ConvNet(L.LightningModule):
+    """The seed's ConvNet: conv 1->10 k5, conv 10->20 k5, dropout2d, fc 320->50->10.
+
+    Args:
+        lr: SGD's learning rate.
+        momentum: SGD's momentum.
+        activation: ``"relu"`` (the seed's) or ``"tanh"``. Under DP-SGD a bounded
+            activation keeps the clipped per-example gradients informative (Papernot
+            et al., "Tempered Sigmoid Activations for Deep Learning with Differential
+            Privacy", AAAI 2021); ``benchmarks/privacy.py`` measures both.
+        dropout: the dropout probability of both dropout layers (the seed's 0.5; 0 turns
+            them off, which DP-SGD's noise makes unnecessary).
+    """
+
+    def __init__(
+        self,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        activation: str = "relu",
+        dropout: float = 0.5,
+    ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.save_hyperparameters()
+        self.act = ACTIVATIONS[activation]
+        self.dropout = dropout
         self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
-        self.conv2_drop = nn.Dropout2d()
+        self.conv2_drop = nn.Dropout2d(dropout)
         self.fc1 = nn.Linear(320, 50)
         self.fc2 = nn.Linear(50, 10)
         # torchmetrics Metric objects: with evaluate_on_clients the aggregator merges
@@ -172,11 +199,11 @@ class ConvNet(L.LightningModule):
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(F.max_pool2d(self.conv1(x), 2))
-        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        x = self.act(F.max_pool2d(self.conv1(x), 2))
+        x = self.act(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
         x = x.view(-1, 320)
-        x = F.relu(self.fc1(x))
-        x = F.dropout(x, training=self.training)
+        x = self.act(self.fc1(x))
+        x = F.dropout(x, p=self.dropout, training=self.training)
         return F.log_softmax(self.fc2(x), dim=1)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:

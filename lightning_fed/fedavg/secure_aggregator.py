@@ -23,7 +23,6 @@ from lightning_fed.channel import Message
 from lightning_fed.fedavg import protocol as P
 from lightning_fed.fedavg.errors import RoundFailedError
 from lightning_fed.privacy.errors import SecAggError
-from lightning_fed.privacy.quantize import unpack
 from lightning_fed.privacy.secagg import Advert, Reveal, SecAggServer
 from lightning_fed.privacy.settings import SecureAggregation, SecureRound
 from lightning_fed.privacy.vector import Layout
@@ -72,7 +71,6 @@ class SecureRoundServer:
             spec.threshold,
             bytes.fromhex(spec.seed),
         )
-        self._scratch: torch.Tensor | None = None  # where masked vectors are unpacked
 
     @property
     def upload_spec(self) -> dict[str, TensorSpec]:
@@ -189,9 +187,7 @@ class SecureRoundServer:
     def add(self, sender: str, tensors: Mapping[str, torch.Tensor], update: P.Update) -> str | None:
         """Fold in one masked update; returns why it was refused, if so."""
         try:
-            vector = unpack(tensors[MASKED], self.spec.modulus_bits, self._scratch)
-            self.server.add_masked(sender, vector, update.masked_with or [])
-            self._scratch = vector  # it fits: reused for the next client (see unpack)
+            self.server.add_packed(sender, tensors[MASKED], update.masked_with or [])
         except (KeyError, ValueError, SecAggError) as exc:
             return f"its masked vector does not fit: {exc}"
         return None

@@ -161,6 +161,40 @@ def unpack(data: torch.Tensor, modulus_bits: int, out: torch.Tensor | None = Non
     return result
 
 
+def add_packed(total: torch.Tensor, data: torch.Tensor, modulus_bits: int) -> None:
+    """``total += unpack(data)`` in one pass, modulo ``2**64``: each element's 8-byte
+    window is added whole; the next elements' bytes in it (and any bits a sender set
+    above the modulus) are multiples of ``2**modulus_bits``, so they vanish when the
+    total is reduced (``bitwise_and`` with ``2**modulus_bits - 1``) before it is read.
+    Unsigned arithmetic: the wrap-around is defined.
+
+    Raises:
+        ValueError: ``data`` is not whole elements of the packed width or ``total``
+            is not a contiguous int64 vector of as many.
+    """
+    width = (modulus_bits + 7) // 8
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() % width:
+        raise ValueError(
+            f"packed residues are a 1-D uint8 tensor of a multiple of {width} bytes, got "
+            f"{data.dtype} of shape {tuple(data.shape)}"
+        )
+    n = data.numel() // width
+    if total.dtype != torch.int64 or tuple(total.shape) != (n,) or not total.is_contiguous():
+        raise ValueError(
+            f"{n} packed residues cannot be added to {total.dtype} of shape {tuple(total.shape)}"
+        )
+    raw = data.detach().contiguous().numpy()
+    target = total.numpy().view(np.uint64)
+    head = _whole_windows(n, width)
+    if head:
+        windows = np.ndarray((head,), dtype="<u8", buffer=raw, strides=(width,))
+        np.add(target[:head], windows, out=target[:head])
+    if head < n:
+        tail = np.zeros((n - head, 8), dtype=np.uint8)
+        tail[:, :width] = raw[head * width :].reshape(-1, width)
+        np.add(target[head:], tail.view("<u8").reshape(-1), out=target[head:])
+
+
 def _whole_windows(n: int, width: int) -> int:
     """How many of ``n`` packed elements of ``width`` bytes have all 8 bytes from their
     offset inside the buffer (the rest are read and written one by one)."""

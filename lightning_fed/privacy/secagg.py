@@ -53,6 +53,7 @@ from lightning_fed.privacy.keys import (
     unseal,
 )
 from lightning_fed.privacy.masking import SEED_BYTES, MaskSum
+from lightning_fed.privacy.quantize import add_packed
 
 #: Bytes of one relayed share pair once sealed: nonce, two shares, tag.
 SEALED_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
@@ -400,6 +401,7 @@ class SecAggServer:
         self.helpers: list[str] = []  # who answered step 4: they hold shares to reveal
         self.total = torch.zeros(size, dtype=torch.int64)
         self._sum = MaskSum(self.total, modulus_bits)  # reduced when unmasked
+        self._wrapped = False  # whether packed vectors were added (modulo 2**64)
         self.masked: set[str] = set()  # U3
         self.masked_with: dict[str, list[str]] = {}
         self.reveals: dict[str, Reveal] = {}
@@ -468,28 +470,56 @@ class SecAggServer:
 
     # -- step 5 ----------------------------------------------------------------------
     def add_masked(self, sender: str, vector: torch.Tensor, masked_with: Sequence[str]) -> None:
-        """Fold in one masked vector.
+        """Fold in one masked vector (int64 residues).
 
         Raises:
             SecAggError: the sender was not to mask this round, sent twice, or its vector
                 or its list of mask partners does not fit (name it and leave it out).
         """
-        roster = self._need_roster()
-        if sender not in self.maskers:
-            raise SecAggError(f"{sender} sent a masked vector but was not among the maskers")
-        if sender in self.masked:
-            raise SecAggError(f"{sender} sent a second masked vector")
+        self._check_masker(sender, masked_with)
         if vector.dtype != torch.int64 or tuple(vector.shape) != (self.size,):
             raise SecAggError(
                 f"{sender}'s masked vector has {vector.numel()} elements of {vector.dtype}, "
                 f"expected {self.size} residues"
             )
+        if self._wrapped:  # packed vectors were added modulo 2**64: back to residues
+            self.total.bitwise_and_((1 << self.modulus_bits) - 1)
+            self._wrapped = False
+        self._sum.add_vector(vector)
+        self._masked(sender, masked_with)
+
+    def add_packed(self, sender: str, data: torch.Tensor, masked_with: Sequence[str]) -> None:
+        """Fold in one masked vector as it travels (:func:`~.quantize.pack`'s bytes),
+        added without unpacking it (:func:`~.quantize.add_packed`).
+
+        Raises:
+            SecAggError: as :meth:`add_masked`.
+        """
+        width = (self.modulus_bits + 7) // 8
+        self._check_masker(sender, masked_with)
+        if data.dtype != torch.uint8 or tuple(data.shape) != (self.size * width,):
+            raise SecAggError(
+                f"{sender}'s masked vector is {data.numel()} elements of {data.dtype}, "
+                f"expected {self.size} residues of {width} bytes ({self.size * width} uint8)"
+            )
+        self._sum.reduce()  # residues again; the packed sum wraps modulo 2**64 instead
+        add_packed(self.total, data, self.modulus_bits)
+        self._wrapped = True
+        self._masked(sender, masked_with)
+
+    def _check_masker(self, sender: str, masked_with: Sequence[str]) -> None:
+        roster = self._need_roster()
+        if sender not in self.maskers:
+            raise SecAggError(f"{sender} sent a masked vector but was not among the maskers")
+        if sender in self.masked:
+            raise SecAggError(f"{sender} sent a second masked vector")
         partners = set(roster.graph()[sender]) & set(self.maskers) - {sender}
         if set(masked_with) != partners:
             raise SecAggError(
                 f"{sender} masked with {sorted(masked_with)}, expected {sorted(partners)}"
             )
-        self._sum.add_vector(vector)
+
+    def _masked(self, sender: str, masked_with: Sequence[str]) -> None:
         self.masked.add(sender)
         self.masked_with[sender] = sorted(masked_with)
 
@@ -545,7 +575,7 @@ class SecAggServer:
                 shares); names the clients and what was missing.
         """
         roster = self._need_roster()
-        total = self._sum.reduce().clone()
+        total = self._sum.reduce().bitwise_and_((1 << self.modulus_bits) - 1).clone()
         masks = MaskSum(total, self.modulus_bits, threads=torch.get_num_threads())
         failures = []
         for node, (kind, holders) in sorted(self.needed().items()):

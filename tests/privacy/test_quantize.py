@@ -10,6 +10,7 @@ from lightning_fed.algorithms.aggregate import TensorSpec, weighted_average
 from lightning_fed.privacy.quantize import (
     MAX_MODULUS_BITS,
     Quantizer,
+    add_packed,
     modulus_bits,
     pack,
     unpack,
@@ -96,6 +97,27 @@ def test_packing_is_each_residue_s_low_bytes_in_order(bits: int, n: int) -> None
         junk = packed.clone().view(-1, width)
         junk[:, -1] |= 0xFF << (bits % 8) & 0xFF
         assert torch.equal(unpack(junk.view(-1), bits), x)
+
+
+@pytest.mark.parametrize("bits", [3, 9, 24, 39, 41, 62])
+def test_packed_vectors_add_up_without_unpacking(bits: int) -> None:
+    """Adding each packed vector's 8-byte windows whole (the neighbours' bytes and junk
+    above the modulus included) and reducing once gives the sum of the residues."""
+    g = torch.Generator().manual_seed(bits)
+    n, width = 1001, (bits + 7) // 8
+    xs = [torch.randint(0, 2**bits, (n,), generator=g, dtype=torch.int64) for _ in range(7)]
+    total = torch.zeros(n, dtype=torch.int64)
+    for x in xs:
+        packed = pack(x, bits).view(-1, width)
+        if bits % 8:
+            packed[:, -1] |= 0xFF << (bits % 8) & 0xFF  # a sender's junk above the modulus
+        add_packed(total, packed.view(-1), bits)
+    expected = torch.zeros(n, dtype=torch.int64)
+    for x in xs:  # reduced after every addition: no int64 overflow at 62 bits
+        expected = (expected + x) & (2**bits - 1)
+    assert torch.equal(total & (2**bits - 1), expected)
+    with pytest.raises(ValueError, match="cannot be added"):
+        add_packed(torch.zeros(n - 1, dtype=torch.int64), pack(xs[0], bits), bits)
 
 
 def test_a_tensor_larger_than_a_chunk_round_trips() -> None:
