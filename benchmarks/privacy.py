@@ -452,7 +452,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the big model's runs")
     parser.add_argument("--seeds", type=int, default=3, help="DP: seeds per setting")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    parser.add_argument("--dp-rounds", type=int, default=20, help="DP: rounds per federation")
+    parser.add_argument("--dp-rounds", type=int, default=30, help="DP: rounds per federation")
     parser.add_argument(
         "--central-clip", type=float, default=0.5, help="central DP: the bound on an update"
     )

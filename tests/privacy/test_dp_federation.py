@@ -141,6 +141,39 @@ def test_distributed_dp_noise_from_a_target_epsilon(fed: Any) -> None:
     assert 0.6 * want <= float(moved.std()) <= 1.4 * want, (float(moved.std()), want)
 
 
+def test_distributed_dp_accounts_for_the_noise_a_dropout_took_with_it(fed: Any) -> None:
+    """c5 is killed after the key exchange, before masking: its share of the noise is
+    not in the sum. The round still finishes over c1..c4, the report's noise multiplier
+    is the noise actually summed (z * sqrt(4/5)) and epsilon is the accountant's for it;
+    the mean of the four carries z * clip * sqrt(4/5) / 4 per coordinate."""
+    z, clip = 2.0, 1.0
+    dp = DifferentialPrivacy(noise_multiplier=z, clip=clip)
+    secure = SecureAggregation(clip=round(clip * (1 + 4 * z / math.sqrt(5)) + 0.1, 1), bits=24)
+    f = run(
+        fed,
+        "dropout",
+        1,
+        {"differential_privacy": dp, "secure_aggregation": secure, "min_clients": 3},
+        party={"lr": 0.0},
+        parties={"c5": {"sabotage": [("secagg-check", 1, "die_after")]}},
+    )
+    codes = f.wait()
+    assert codes == {**{n: 0 for n in [*CLIENTS, "agg"]}, "c5": -9}, f.log("agg")
+    round1 = f.report()["rounds"][0]
+    assert round1["missing"] == ["c5"]
+    effective = z * math.sqrt(4 / 5)
+    assert round1["privacy"]["noise_multiplier"] == pytest.approx(effective, rel=1e-12)
+    acc = Accountant()
+    acc.step(effective, 1.0)
+    assert round1["privacy"]["epsilon"] == pytest.approx(acc.epsilon(1e-5), rel=1e-9)
+    everyone = Accountant()  # had c5's noise been summed too, less would be spent
+    everyone.step(z, 1.0)
+    assert f.report()["privacy"]["epsilon"] > everyone.epsilon(1e-5)
+    moved = change(f.out("agg") / "final.safetensors")
+    want = effective * clip / 4
+    assert 0.6 * want <= float(moved.std()) <= 1.4 * want, (float(moved.std()), want)
+
+
 def test_a_target_epsilon_stops_the_run_before_it_is_exceeded(fed: Any) -> None:
     z = 2.0
     acc = Accountant()
