@@ -49,9 +49,14 @@ def clip_(tensors: MutableMapping[str, torch.Tensor], clip: float) -> float:
     return norm
 
 
-def noise_generator(seed: int | None = None) -> torch.Generator:
-    """A generator for noise: seeded from ``os.urandom`` unless a seed is given (tests)."""
-    g = torch.Generator()
+def noise_generator(
+    seed: int | None = None, device: torch.device | str | None = None
+) -> torch.Generator:
+    """A generator for noise on ``device`` (CPU by default): seeded from ``os.urandom``
+    unless a seed is given (tests). Never torch's global generator: parties that seed
+    alike (``seed_everything(42)`` in one shared script) would draw the same noise,
+    and anyone who knows the seed could subtract it."""
+    g = torch.Generator(device=device or "cpu")
     g.manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
     return g
 

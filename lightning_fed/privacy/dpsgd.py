@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lightning_fed.errors import SettingError
 from lightning_fed.privacy.accounting import Accountant, require_opacus
+from lightning_fed.privacy.dp import noise_generator
 from lightning_fed.privacy.dp_settings import LocalDP
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ class DPSGDCallback(Callback):
             max_grad_norm=self.settings.max_grad_norm,
             expected_batch_size=batch_size,
             loss_reduction="mean",
+            # Not the global generator, which Lightning's seed_everything makes the same
+            # on every client running one script (and known to whoever knows the seed).
+            generator=noise_generator(device=pl_module.device),
         )
         wrapped.attach_step_hook(self._count)
         trainer.strategy.optimizers = [wrapped]
