@@ -39,8 +39,22 @@ def test_the_dp_friendly_convnet_is_deterministic_and_opacus_compatible() -> Non
     assert torch.allclose(per_example, single.fc1.weight.grad, atol=1e-5)
 
 
+def test_the_cosine_schedule_anneals_the_rate_once_an_epoch() -> None:
+    conf = ConvNet(lr=0.05, cosine_epochs=4).configure_optimizers()
+    optimizer, schedule = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.05, 0.05 * 0.8535534, 0.025, 0.05 * 0.1464466])
+    assert isinstance(ConvNet().configure_optimizers(), torch.optim.SGD)  # the seed's
+
+
 def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match=r"activation must be one of \['relu', 'tanh'\]"):
         ConvNet(activation="gelu")
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         ConvNet(dropout=1.0)
+    with pytest.raises(ValueError, match="cosine_epochs must be >= 0"):
+        ConvNet(cosine_epochs=-1)
