@@ -194,6 +194,37 @@ def test_a_target_epsilon_stops_the_run_before_it_is_exceeded(fed: Any) -> None:
         assert "federation finished" in f.log(c)
 
 
+def test_an_aggregator_restarted_after_its_budget_is_spent_runs_no_more_rounds(
+    fed: Any,
+) -> None:
+    """The run stops at its target after round 2; the aggregator started again on the
+    same folder (recovery on, the same settings, rounds left to run) finds the budget
+    spent in its ledger and stops before any round, saying why: epsilon stays at round
+    2's."""
+    z = 2.0
+    acc = Accountant()
+    acc.step(z, 1.0, 2)
+    after_two = acc.epsilon(1e-5)
+    acc.step(z, 1.0)
+    target = (after_two + acc.epsilon(1e-5)) / 2
+    clients = CLIENTS[:3]
+    dp = DifferentialPrivacy(noise_multiplier=z, clip=1.0, target_epsilon=target)
+    agg = {"rounds": 10, "recovery": True, "differential_privacy": dp}
+    f = run(fed, "spent", 10, agg, clients=clients)
+    ok(f, [*clients, "agg"])
+    assert f.report()["rounds_completed"] == 2
+    before = f.log("agg")
+    again = f.start("agg", "aggregator", {**FAST, **agg}, key="agg-again")
+    again.join(240)
+    assert again.exitcode == 0, f.log("agg")[len(before) :]
+    after = f.log("agg")[len(before) :]
+    assert f"no more rounds: target_epsilon={target:g} reached" in after, after
+    assert "round 3 started" not in after
+    report = f.report()
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert report["privacy"]["epsilon"] == pytest.approx(after_two)
+
+
 def test_local_dp_sgd_counts_each_clients_epsilon_and_a_target_makes_it_leave(
     fed: Any,
 ) -> None:
