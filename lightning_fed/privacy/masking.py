@@ -143,15 +143,11 @@ class MaskSum:
         _check(self.vector, [seed])
         self._masks.append((seed, subtract))
 
-    def add_vector(self, residues: torch.Tensor, *, subtract: bool = False) -> None:
-        """Add (or subtract) residues already expanded, such as a sum of masks made
-        ahead of time or another client's masked vector."""
+    def add_vector(self, residues: torch.Tensor) -> None:
+        """Add residues already expanded, such as a sum of masks made ahead of time."""
         if self.pending >= self.limit:
             self._reduce_vector()
-        if subtract:
-            self.vector.sub_(residues)
-        else:
-            self.vector.add_(residues)
+        self.vector.add_(residues)
         self.pending += 1
 
     def _reduce_vector(self) -> None:

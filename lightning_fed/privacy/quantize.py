@@ -122,43 +122,25 @@ def pack(values: torch.Tensor, modulus_bits: int) -> torch.Tensor:
 
 
 def unpack(data: torch.Tensor, modulus_bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The inverse of :func:`pack`: each element read as the little-endian int64 at its
-    byte offset, reduced modulo ``2**modulus_bits`` (which drops the next elements'
-    bytes and anything a sender set above the modulus).
+    """The inverse of :func:`pack` (:func:`add_packed` into zeros, reduced).
 
     Args:
-        out: an int64 tensor of the right size to unpack into (on a large model this
-            saves allocating a vector per client); one that does not fit is left alone
-            and a new tensor returned.
+        out: an int64 tensor of the right size to unpack into; one that does not fit is
+            left alone and a new tensor returned.
 
     Raises:
         ValueError: ``data`` is not whole elements of the packed width.
     """
-    width = (modulus_bits + 7) // 8
-    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() % width:
-        raise ValueError(
-            f"packed residues are a 1-D uint8 tensor of a multiple of {width} bytes, got "
-            f"{data.dtype} of shape {tuple(data.shape)}"
-        )
-    n = data.numel() // width
+    n = _packed_count(data, modulus_bits)
     fits = (
         out is not None
         and out.dtype == torch.int64
         and tuple(out.shape) == (n,)
         and out.is_contiguous()
     )
-    result = out if fits and out is not None else torch.empty(n, dtype=torch.int64)
-    raw = data.detach().contiguous().numpy()
-    target = result.numpy()
-    modulus = (1 << modulus_bits) - 1
-    head = _whole_windows(n, width)
-    if head:
-        source = np.ndarray((head,), dtype="<i8", buffer=raw, strides=(width,))
-        np.bitwise_and(source, modulus, out=target[:head])
-    tail = np.zeros((n - head, 8), dtype=np.uint8)
-    tail[:, :width] = raw[head * width :].reshape(-1, width)
-    np.bitwise_and(tail.view("<i8").reshape(-1), modulus, out=target[head:])
-    return result
+    result = out.zero_() if fits and out is not None else torch.zeros(n, dtype=torch.int64)
+    add_packed(result, data, modulus_bits)
+    return result.bitwise_and_((1 << modulus_bits) - 1)
 
 
 def add_packed(total: torch.Tensor, data: torch.Tensor, modulus_bits: int) -> None:
@@ -172,17 +154,12 @@ def add_packed(total: torch.Tensor, data: torch.Tensor, modulus_bits: int) -> No
         ValueError: ``data`` is not whole elements of the packed width or ``total``
             is not a contiguous int64 vector of as many.
     """
-    width = (modulus_bits + 7) // 8
-    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() % width:
-        raise ValueError(
-            f"packed residues are a 1-D uint8 tensor of a multiple of {width} bytes, got "
-            f"{data.dtype} of shape {tuple(data.shape)}"
-        )
-    n = data.numel() // width
+    n = _packed_count(data, modulus_bits)
     if total.dtype != torch.int64 or tuple(total.shape) != (n,) or not total.is_contiguous():
         raise ValueError(
             f"{n} packed residues cannot be added to {total.dtype} of shape {tuple(total.shape)}"
         )
+    width = (modulus_bits + 7) // 8
     raw = data.detach().contiguous().numpy()
     target = total.numpy().view(np.uint64)
     head = _whole_windows(n, width)
@@ -193,6 +170,17 @@ def add_packed(total: torch.Tensor, data: torch.Tensor, modulus_bits: int) -> No
         tail = np.zeros((n - head, 8), dtype=np.uint8)
         tail[:, :width] = raw[head * width :].reshape(-1, width)
         np.add(target[head:], tail.view("<u8").reshape(-1), out=target[head:])
+
+
+def _packed_count(data: torch.Tensor, modulus_bits: int) -> int:
+    """How many residues ``data`` packs. Raises ValueError if not whole ones."""
+    width = (modulus_bits + 7) // 8
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() % width:
+        raise ValueError(
+            f"packed residues are a 1-D uint8 tensor of a multiple of {width} bytes, got "
+            f"{data.dtype} of shape {tuple(data.shape)}"
+        )
+    return data.numel() // width
 
 
 def _whole_windows(n: int, width: int) -> int:

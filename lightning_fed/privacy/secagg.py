@@ -38,6 +38,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lightning_fed.privacy import shamir
@@ -399,9 +400,8 @@ class SecAggServer:
         self.complaints: dict[str, str] = {}  # excluded client -> why
         self.maskers: list[str] = []  # U2'
         self.helpers: list[str] = []  # who answered step 4: they hold shares to reveal
+        # The masked vectors' sum modulo 2**64, reduced modulo 2**modulus_bits to unmask.
         self.total = torch.zeros(size, dtype=torch.int64)
-        self._sum = MaskSum(self.total, modulus_bits)  # reduced when unmasked
-        self._wrapped = False  # whether packed vectors were added (modulo 2**64)
         self.masked: set[str] = set()  # U3
         self.masked_with: dict[str, list[str]] = {}
         self.reveals: dict[str, Reveal] = {}
@@ -482,10 +482,7 @@ class SecAggServer:
                 f"{sender}'s masked vector has {vector.numel()} elements of {vector.dtype}, "
                 f"expected {self.size} residues"
             )
-        if self._wrapped:  # packed vectors were added modulo 2**64: back to residues
-            self.total.bitwise_and_((1 << self.modulus_bits) - 1)
-            self._wrapped = False
-        self._sum.add_vector(vector)
+        self._accumulate(vector.detach().contiguous().numpy().view(np.uint64))
         self._masked(sender, masked_with)
 
     def add_packed(self, sender: str, data: torch.Tensor, masked_with: Sequence[str]) -> None:
@@ -502,10 +499,13 @@ class SecAggServer:
                 f"{sender}'s masked vector is {data.numel()} elements of {data.dtype}, "
                 f"expected {self.size} residues of {width} bytes ({self.size * width} uint8)"
             )
-        self._sum.reduce()  # residues again; the packed sum wraps modulo 2**64 instead
         add_packed(self.total, data, self.modulus_bits)
-        self._wrapped = True
         self._masked(sender, masked_with)
+
+    def _accumulate(self, residues: np.ndarray) -> None:
+        """``total += residues`` modulo ``2**64``, as :func:`~.quantize.add_packed` adds."""
+        total = self.total.numpy().view(np.uint64)
+        np.add(total, residues, out=total)
 
     def _check_masker(self, sender: str, masked_with: Sequence[str]) -> None:
         roster = self._need_roster()
@@ -575,7 +575,7 @@ class SecAggServer:
                 shares); names the clients and what was missing.
         """
         roster = self._need_roster()
-        total = self._sum.reduce().bitwise_and_((1 << self.modulus_bits) - 1).clone()
+        total = self.total.bitwise_and((1 << self.modulus_bits) - 1)
         masks = MaskSum(total, self.modulus_bits, threads=torch.get_num_threads())
         failures = []
         for node, (kind, holders) in sorted(self.needed().items()):

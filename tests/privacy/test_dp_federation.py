@@ -48,6 +48,12 @@ def change(path: Path) -> torch.Tensor:
     return torch.cat([(final[k].double() - start[k].double()).reshape(-1) for k in sorted(start)])
 
 
+def noise_range(clip: float, z: float, smallest_round: int) -> float:
+    """A secure-aggregation clip that holds a clipped coordinate plus 4 std of one
+    client's noise share in the smallest round allowed (std z * clip / sqrt(m))."""
+    return round(clip * (1 + 4 * z / math.sqrt(smallest_round)) + 0.1, 1)
+
+
 def ok(f: Any, nodes: list[str]) -> None:
     codes = f.wait()
     assert codes == {n: 0 for n in nodes}, "".join(f.log(n)[-3000:] for n in nodes)
@@ -123,7 +129,7 @@ def test_distributed_dp_noise_from_a_target_epsilon(fed: Any) -> None:
     target, clip = 20.0, 1.0
     dp = DifferentialPrivacy(target_epsilon=target, clip=clip)
     z = noise_multiplier_for(target, 1e-5, 1.0, 2)
-    secure = SecureAggregation(clip=round(clip * (1 + 4 * z / math.sqrt(5)) + 0.1, 1), bits=24)
+    secure = SecureAggregation(clip=noise_range(clip, z, 5), bits=24)
     f = run(
         fed,
         "target",
@@ -148,8 +154,7 @@ def test_distributed_dp_accounts_for_the_noise_a_dropout_took_with_it(fed: Any) 
     the mean of the four carries z * clip * sqrt(4/5) / 4 per coordinate."""
     z, clip = 2.0, 1.0
     dp = DifferentialPrivacy(noise_multiplier=z, clip=clip)
-    # The range holds 4 std of a share in the smallest round allowed (min_clients 3).
-    secure = SecureAggregation(clip=round(clip * (1 + 4 * z / math.sqrt(3)) + 0.1, 1), bits=24)
+    secure = SecureAggregation(clip=noise_range(clip, z, 3), bits=24)  # min_clients 3
     f = run(
         fed,
         "dropout",
