@@ -231,20 +231,19 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
     began = time.perf_counter()
     deltas = {n: t.detach().clone().sub_(start[n]) for n, t in trained.items()}  # as clients
     clipped = sum(_beyond(t, spec.clip) for t in deltas.values())  # the client's warning
-    vector = layout.encode(deltas, {}, 800, spec.quantizer)
+    # as SecAggClient.mask_update: the update is added into the masks expanded ahead
+    vector = layout.encode(deltas, {}, 800, spec.quantizer, add_to=premasked)
     del deltas, clipped
-    masked = MaskSum(vector, spec.modulus_bits)  # as SecAggClient.mask adds them
-    masked.add_vector(premasked)
-    wire = pack(masked.reduce(), spec.modulus_bits)
+    wire = pack(MaskSum(vector, spec.modulus_bits, pending=1).reduce(), spec.modulus_bits)
     client = time.perf_counter() - began
-    del vector, premasked, masked
+    del vector, premasked
 
     began = time.perf_counter()
     total = torch.zeros(layout.size, dtype=torch.int64)
     for _ in range(clients):  # as SecAggServer.add_packed, without unpacking
         add_packed(total, wire, spec.modulus_bits)
     total.bitwise_and_((1 << spec.modulus_bits) - 1)
-    unmasked = MaskSum(total.clone(), spec.modulus_bits)  # as SecAggServer.unmask
+    unmasked = MaskSum(total, spec.modulus_bits)  # as SecAggServer.unmask
     for seed in seeds:
         unmasked.add(seed, subtract=True)
     means, _, _ = layout.mean(unmasked.reduce(), clients, spec.quantizer)

@@ -203,10 +203,13 @@ class SecureRoundClient:
                 layout.weighted_size,
                 spec.clip,
             )
-        vector = layout.encode(deltas, extras, num_samples, spec.quantizer)
-        masked = self.client.mask(vector, maskers, spec.modulus_bits)
+
+        def encode(base: torch.Tensor | None) -> torch.Tensor:
+            return layout.encode(deltas, extras, num_samples, spec.quantizer, add_to=base)
+
+        masked = self.client.mask_update(encode, layout.size, maskers, spec.modulus_bits)
         tensors = {MASKED: pack(masked, spec.modulus_bits), **states}
-        del vector, masked
+        del masked
         self.role.upload(tensors, 1, metrics, evaluation, self.client.masked_with)
 
 

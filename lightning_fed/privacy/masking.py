@@ -18,8 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-#: Elements masked at a time (8 MiB of keystream); even, so a chunk starts on a block.
-CHUNK = 1 << 20
+#: Elements masked at a time (2 MiB of keystream, reused for every chunk: a fresh
+#: buffer per chunk costs more in page faults than the AES); even, so a chunk starts
+#: on a block.
+CHUNK = 1 << 18
 SEED_BYTES = 32
 
 
@@ -39,37 +41,50 @@ def _headroom(modulus_bits: int) -> int:
     return max(1, (1 << max(0, 62 - modulus_bits)) - 2)
 
 
-def _mask_chunk(
-    part: torch.Tensor,
-    start: int,
+class _Keystream:
+    """One thread's reusable buffers: zeros to encrypt and the keystream they become."""
+
+    def __init__(self, elements: int) -> None:
+        self.zeros = memoryview(bytes(elements * 8))
+        self.out = bytearray(elements * 8 + 15)  # update_into wants a block's slack
+
+    def mask(self, seed: bytes, start: int, count: int, modulus: int) -> torch.Tensor:
+        """Elements ``start .. start + count`` of ``seed``'s mask (a view of the buffer,
+        valid until the next call)."""
+        stream = Cipher(algorithms.AES(seed), modes.CTR((start // 2).to_bytes(16, "big")))
+        stream.encryptor().update_into(self.zeros[: count * 8], self.out)
+        mask = torch.frombuffer(self.out, dtype=torch.int64, count=count)
+        if not _LITTLE_ENDIAN:
+            mask = mask.view(torch.uint8).view(-1, 8).flip(1).contiguous().view(torch.int64)
+        return mask.bitwise_and_(modulus)  # in the keystream's own buffer: no temporary
+
+
+def _mask_chunks(
+    vector: torch.Tensor,
+    starts: Sequence[int],
     masks: Sequence[tuple[bytes, bool]],
     modulus_bits: int,
     pending: int,
 ) -> None:
-    """Add every ``(seed, subtract)`` mask to ``part`` (elements ``start..`` of the
-    vector, which already holds ``pending`` unreduced additions); leaves it reduced."""
+    """Add every ``(seed, subtract)`` mask to the chunks of ``vector`` that begin at
+    ``starts`` (the vector already holds ``pending`` unreduced additions), chunk by
+    chunk; leaves them reduced."""
     modulus = (1 << modulus_bits) - 1
-    size = part.numel() * 8
-    zeros = bytes(size)
-    out = bytearray(size + 15)  # update_into wants a block's slack
-    counter = (start // 2).to_bytes(16, "big")
-    room = _headroom(modulus_bits) - pending
-    for seed, subtract in masks:
-        if room <= 0:
-            part.bitwise_and_(modulus)
-            room = _headroom(modulus_bits)
-        stream = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
-        stream.update_into(zeros, out)
-        mask = torch.frombuffer(out, dtype=torch.int64, count=part.numel())
-        if not _LITTLE_ENDIAN:
-            mask = mask.view(torch.uint8).view(-1, 8).flip(1).contiguous().view(torch.int64)
-        mask.bitwise_and_(modulus)  # in the keystream's own buffer: no temporary
-        if subtract:
-            part.sub_(mask)
-        else:
-            part.add_(mask)
-        room -= 1
-    part.bitwise_and_(modulus)
+    keystream = _Keystream(min(CHUNK, vector.numel()))
+    for start in starts:
+        part = vector[start : start + CHUNK]
+        room = _headroom(modulus_bits) - pending
+        for seed, subtract in masks:
+            if room <= 0:
+                part.bitwise_and_(modulus)
+                room = _headroom(modulus_bits)
+            mask = keystream.mask(seed, start, part.numel(), modulus)
+            if subtract:
+                part.sub_(mask)
+            else:
+                part.add_(mask)
+            room -= 1
+        part.bitwise_and_(modulus)
 
 
 def add_masks(
@@ -88,18 +103,17 @@ def add_masks(
         pending: unreduced additions the vector already holds (see :class:`MaskSum`).
     """
     _check(vector, [seed for seed, _ in masks])
-    n = vector.numel()
-    starts = range(0, n, CHUNK)
-
-    def run(start: int) -> None:
-        _mask_chunk(vector[start : start + CHUNK], start, masks, modulus_bits, pending)
-
-    if threads <= 1 or len(starts) <= 1:
-        for start in starts:
-            run(start)
-    else:
-        with ThreadPoolExecutor(min(threads, len(starts)), "secagg-mask") as pool:
-            for done in [pool.submit(run, start) for start in starts]:
+    starts = range(0, vector.numel(), CHUNK)
+    workers = max(1, min(threads, len(starts)))
+    if workers == 1:
+        _mask_chunks(vector, starts, masks, modulus_bits, pending)
+    else:  # each thread its own interleaved chunks and buffers
+        with ThreadPoolExecutor(workers, "secagg-mask") as pool:
+            runs = [
+                pool.submit(_mask_chunks, vector, starts[w::workers], masks, modulus_bits, pending)
+                for w in range(workers)
+            ]
+            for done in runs:
                 done.result()
     return vector
 
@@ -123,19 +137,23 @@ class MaskSum:
     reduced only when int64 could otherwise overflow.
 
     Args:
-        vector: 1-D int64 residues in ``[0, 2**modulus_bits)``, changed in place.
+        vector: 1-D int64 residues in ``[0, 2**modulus_bits)`` (or ``pending`` sums of
+            them), changed in place.
         modulus_bits: the modulus, at most 62 bits.
         threads: threads that expand the masks (the aggregator uses its cores; a client
             expanding masks while it trains, one).
+        pending: unreduced additions ``vector`` already holds (0: it is residues).
     """
 
-    def __init__(self, vector: torch.Tensor, modulus_bits: int, threads: int = 1) -> None:
+    def __init__(
+        self, vector: torch.Tensor, modulus_bits: int, threads: int = 1, pending: int = 0
+    ) -> None:
         _check(vector, [])
         self.vector = vector
         self.modulus_bits = modulus_bits
         self.threads = threads
         self.limit = _headroom(modulus_bits)
-        self.pending = 0
+        self.pending = pending
         self._masks: list[tuple[bytes, bool]] = []
 
     def add(self, seed: bytes, *, subtract: bool = False) -> None:

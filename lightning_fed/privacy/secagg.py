@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -290,10 +290,33 @@ class SecAggClient:
         return self._s.agree(self._need_roster().adverts[j].s, MASK_LABEL, self.context)
 
     def mask(self, vector: torch.Tensor, maskers: Sequence[str], modulus_bits: int) -> torch.Tensor:
-        """Step 5: ``vector`` masked (in place) with the self mask and the pairwise masks
-        of the neighbours in ``maskers`` (``U2'``) whose shares this client holds (the
-        masks :meth:`premask` expanded, less those of neighbours left out, or expanded
-        now).
+        """Step 5: ``vector`` masked with the self mask and the pairwise masks of the
+        neighbours in ``maskers`` (``U2'``) whose shares this client holds; see
+        :meth:`mask_update` (here the vector exists already: masked in place, unless the
+        masks were expanded ahead, which it is then added to).
+
+        Raises:
+            SecAggError: this client is not among ``maskers``.
+        """
+
+        def add(base: torch.Tensor | None) -> torch.Tensor:
+            return vector if base is None else base.add_(vector)
+
+        return self.mask_update(add, vector.numel(), maskers, modulus_bits)
+
+    def mask_update(
+        self,
+        encode: Callable[[torch.Tensor | None], torch.Tensor],
+        size: int,
+        maskers: Sequence[str],
+        modulus_bits: int,
+    ) -> torch.Tensor:
+        """Step 5: the client's vector of ``size`` residues, masked with the self mask and
+        the pairwise masks of the neighbours in ``maskers`` (``U2'``) whose shares this
+        client holds. ``encode(base)`` makes the vector: added in place to ``base``, the
+        masks :meth:`premask` expanded (no new vector, one pass fewer), or, given
+        ``None``, a new vector, masked in place here. Masks of neighbours expanded ahead
+        but left out of ``maskers`` are taken back out.
 
         Raises:
             SecAggError: this client is not among ``maskers``.
@@ -303,13 +326,14 @@ class SecAggClient:
             raise SecAggError(f"client {self.node!r} was left out of this round's masking")
         allowed = set(maskers)
         self.masked_with = sorted(j for j in self._held if j in allowed)
-        masks = MaskSum(vector, modulus_bits, threads=torch.get_num_threads())
         pre, self._premasked = self._premasked, None
-        if pre is not None and pre.fits(vector, modulus_bits):
-            masks.add_vector(pre.residues)
+        if pre is not None and pre.fits(size, modulus_bits):
+            # the premask is reduced; one unreduced addition (the update) on top
+            masks = MaskSum(encode(pre.residues), modulus_bits, torch.get_num_threads(), 1)
             for j in sorted(pre.partners - set(self.masked_with)):  # expanded, not wanted
                 masks.add(self._pair_seed(j), subtract=pair_sign(self.node, j))
             return masks.reduce()
+        masks = MaskSum(encode(None), modulus_bits, threads=torch.get_num_threads())
         masks.add(self._b)
         for j in self.masked_with:
             masks.add(self._pair_seed(j), subtract=not pair_sign(self.node, j))
@@ -358,8 +382,8 @@ class _Premask:
     partners: frozenset[str]
     residues: torch.Tensor
 
-    def fits(self, vector: torch.Tensor, modulus_bits: int) -> bool:
-        return modulus_bits == self.modulus_bits and self.residues.shape == vector.shape
+    def fits(self, size: int, modulus_bits: int) -> bool:
+        return modulus_bits == self.modulus_bits and tuple(self.residues.shape) == (size,)
 
 
 class SecAggServer:
@@ -402,6 +426,7 @@ class SecAggServer:
         self.helpers: list[str] = []  # who answered step 4: they hold shares to reveal
         # The masked vectors' sum modulo 2**64, reduced modulo 2**modulus_bits to unmask.
         self.total = torch.zeros(size, dtype=torch.int64)
+        self.unmasked = False  # unmask() removes the masks from total in place, once
         self.masked: set[str] = set()  # U3
         self.masked_with: dict[str, list[str]] = {}
         self.reveals: dict[str, Reveal] = {}
@@ -575,7 +600,10 @@ class SecAggServer:
                 shares); names the clients and what was missing.
         """
         roster = self._need_roster()
-        total = self.total.bitwise_and((1 << self.modulus_bits) - 1)
+        if self.unmasked:
+            raise SecAggError("this round's sum was unmasked already (its masks are gone)")
+        # in place (no second vector): reducing leaves the sum's residues as they are
+        total = self.total.bitwise_and_((1 << self.modulus_bits) - 1)
         masks = MaskSum(total, self.modulus_bits, threads=torch.get_num_threads())
         failures = []
         for node, (kind, holders) in sorted(self.needed().items()):
@@ -623,6 +651,7 @@ class SecAggServer:
                 "clients may drop out between masking and revealing than the degree minus "
                 "the threshold"
             )
+        self.unmasked = True
         return masks.reduce()
 
     def _need_roster(self) -> Roster:

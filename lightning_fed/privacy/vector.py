@@ -66,8 +66,15 @@ class Layout:
         extras: Mapping[str, torch.Tensor],
         weight: int,
         quantizer: Quantizer,
+        *,
+        add_to: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The int64 vector ``[weight * q(deltas), q(extras), weight]``.
+
+        Args:
+            add_to: a contiguous int64 vector of :attr:`size` elements (such as masks
+                expanded ahead of time) to add the vector to, in place, instead of
+                making a new one (no reduction: the caller reduces); returned.
 
         Raises:
             ValueError: a tensor is missing or does not fit its spec, or the weight is
@@ -81,7 +88,19 @@ class Layout:
                 if t is None or tuple(t.shape) != self.specs[name].shape:
                     got = None if t is None else tuple(t.shape)
                     raise ValueError(f"{name}: shape {got}, expected {self.specs[name].shape}")
-        out = torch.empty(self.size, dtype=torch.int64)
+        if add_to is not None and (
+            add_to.dtype != torch.int64
+            or tuple(add_to.shape) != (self.size,)
+            or not add_to.is_contiguous()
+        ):
+            raise ValueError(
+                f"cannot add a {self.size}-element vector to {add_to.dtype} of shape "
+                f"{tuple(add_to.shape)}"
+            )
+        out = torch.empty(self.size, dtype=torch.int64) if add_to is None else add_to
+        levels = (
+            torch.empty(min(CHUNK, self.size), dtype=torch.int64) if add_to is not None else None
+        )
         offset = 0
         for names, source, w in ((self.weighted, deltas, weight), (self.unweighted, extras, 1)):
             for name in names:
@@ -89,11 +108,19 @@ class Layout:
                 flat = source[name].reshape(-1)
                 for start in range(0, n, CHUNK):  # each temporary stays in the cache
                     part = out[offset + start : offset + min(n, start + CHUNK)]
-                    part.copy_(quantizer.levels_of(flat[start : start + CHUNK]))  # whole
-                    if w != 1:
-                        part.mul_(w)
+                    whole = quantizer.levels_of(flat[start : start + CHUNK])
+                    if levels is None:
+                        part.copy_(whole)
+                        if w != 1:
+                            part.mul_(w)
+                    else:
+                        chunk = levels[: part.numel()]
+                        part.add_(chunk.copy_(whole), alpha=w)
                 offset += n
-        out[-1] = weight
+        if add_to is None:
+            out[-1] = weight
+        else:
+            out[-1] += weight
         return out
 
     def mean(

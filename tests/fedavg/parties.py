@@ -331,11 +331,10 @@ def record_views(root: str, node: str, role: str) -> None:
         return got
 
     def encoding(self: Any, *args: Any, **kw: Any) -> Any:
-        levels = encode(self, *args, **kw)
-        torch.save(
-            {"levels": levels.clone()}, out / "plain" / f"{node}-levels-{uuid.uuid4().hex}.pt"
-        )
-        return levels
+        # the plain integers, also where the client writes them into its masks (add_to)
+        levels = encode(self, *args, **{**kw, "add_to": None})
+        torch.save({"levels": levels}, out / "plain" / f"{node}-levels-{uuid.uuid4().hex}.pt")
+        return encode(self, *args, **kw)
 
     hooks.load_state, hooks.federated_state = loading, state  # type: ignore[assignment]
     Layout.encode = encoding  # type: ignore[method-assign]

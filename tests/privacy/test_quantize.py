@@ -138,6 +138,28 @@ def test_a_tensor_larger_than_a_chunk_round_trips() -> None:
         assert (mean[name] - t).abs().max().item() <= q.error_bound + 1e-7  # + float32
 
 
+def test_encoding_into_a_vector_adds_to_it() -> None:
+    """``encode(add_to=base)`` (how a client writes its update into the masks it
+    expanded ahead) is ``base + encode()``, across chunks, extras and the weight; a
+    base that does not fit is refused."""
+    from lightning_fed.privacy.vector import CHUNK
+
+    q = Quantizer(clip=1.0, bits=16)
+    g = torch.Generator().manual_seed(6)
+    model = {"a": torch.rand(CHUNK + 9, generator=g) - 0.5, "b": torch.rand(3, 2, generator=g)}
+    extras = {"x": torch.rand(4, generator=g) - 0.5}
+    layout = Layout.of(
+        {n: TensorSpec.of(t) for n, t in model.items()}, {"x": TensorSpec.of(extras["x"])}
+    )
+    base = torch.randint(0, 2**40, (layout.size,), generator=g)
+    expected = base + layout.encode(model, extras, 7, q)
+    out = layout.encode(model, extras, 7, q, add_to=base)
+    assert out is base and torch.equal(out, expected)
+    for wrong in (torch.zeros(layout.size - 1, dtype=torch.int64), base.to(torch.int32)):
+        with pytest.raises(ValueError, match="cannot add"):
+            layout.encode(model, extras, 7, q, add_to=wrong)
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="clip"):
         Quantizer(clip=0.0, bits=8)

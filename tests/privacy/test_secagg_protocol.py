@@ -40,11 +40,14 @@ def run(
     wrong_reveal_from: str | None = None,
     premask: bool = True,
     packed: Collection[str] | None = None,
+    update_into_masks: bool = False,
 ) -> tuple[torch.Tensor, SecAggServer]:
     """One round; a client 'silent' at a step sends nothing from that step on. With
     ``premask`` clients expand their masks right after sharing, as in a federation
     (before they know who will mask), else when they mask. The clients in ``packed``
-    (default: all) have their vectors added as they travel, the others unpacked."""
+    (default: all) have their vectors added as they travel, the others unpacked. With
+    ``update_into_masks`` clients add their vectors to the masks expanded ahead
+    (:meth:`SecAggClient.mask_update`, as in a federation) instead of masking a copy."""
     names = sorted(vectors)
     packed = names if packed is None else packed
     size = next(iter(vectors.values())).numel()
@@ -72,7 +75,14 @@ def run(
         if n in silent_at_mask:
             continue
         c = clients[n]
-        masked = c.mask(vectors[n].clone(), maskers, BITS)
+        if update_into_masks:  # as a federation's client: written into its masks
+
+            def encode(base: torch.Tensor | None, v: torch.Tensor = vectors[n]) -> torch.Tensor:
+                return v.clone() if base is None else base.add_(v)
+
+            masked = c.mask_update(encode, size, maskers, BITS)
+        else:
+            masked = c.mask(vectors[n].clone(), maskers, BITS)
         if packed and n in packed:
             server.add_packed(n, pack(masked, BITS), c.masked_with)  # as the aggregator
         else:
@@ -104,6 +114,26 @@ def test_the_unmasked_sum_is_the_plain_sum(n: int, premask: bool) -> None:
     total, server = run(vectors, premask=premask)
     assert torch.equal(total, plain_sum(vectors, vectors))
     assert server.roster is not None and server.roster.degree == min(n - 1, default_degree(n))
+
+
+@pytest.mark.parametrize("premask", [True, False])
+def test_an_update_written_into_the_masks_sums_alike(premask: bool) -> None:
+    """``mask_update`` adds the update to the masks expanded ahead (or, without them,
+    masks a new vector); a client silent before masking has its neighbours take its
+    mask back out, one silent after is recovered from its shares, and the sum is the
+    survivors' plain sum. A second unmask is refused (the masks were removed in
+    place)."""
+    vectors = vectors_for(6)
+    total, server = run(
+        vectors,
+        premask=premask,
+        update_into_masks=True,
+        silent_at_share={"c2"},
+        silent_at_mask={"c4"},
+    )
+    assert torch.equal(total, plain_sum(vectors, set(vectors) - {"c2", "c4"}))
+    with pytest.raises(SecAggError, match="unmasked already"):
+        server.unmask()
 
 
 def test_a_masked_vector_alone_looks_uniform_and_reveals_nothing() -> None:
