@@ -36,6 +36,7 @@ from lightning_fed.outputs import (
     scalar_metrics,
     temporary_sibling,
 )
+from lightning_fed.privacy.buffers import zeros
 from lightning_fed.privacy.dp import add_noise_, clip_, noise_generator
 from lightning_fed.privacy.dp_settings import DistributedNoise, LocalDP
 from lightning_fed.privacy.dpsgd import DPSGDCallback
@@ -314,12 +315,7 @@ class ClientHooks(RoleHooks, Checkpoint):
             # The change in the model's precision (at least float32): its rounding (about
             # 1e-7 of a weight) is far below a quantisation step, and float64 would double
             # the memory traffic of every pass over a large model.
-            deltas = {
-                n: t.detach()
-                .to(torch.promote_types(t.dtype, torch.float32), copy=True)
-                .sub_(start[n])
-                for n, t in state.items()
-            }
+            deltas = {n: _change(t, start[n]) for n, t in state.items()}
             del state
             weight = seen
             if noise is not None:  # distributed DP: clip, add this client's share of noise
@@ -402,3 +398,11 @@ class ClientHooks(RoleHooks, Checkpoint):
         if self.local_dp is not None and self.local_dp in callbacks_of(trainer):
             callbacks_of(trainer).remove(self.local_dp)
         super().detach(trainer)
+
+
+def _change(weights: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """``weights - start`` in the weights' precision (at least float32), in a new
+    buffer (on huge pages where it is large: see :mod:`lightning_fed.privacy.buffers`)."""
+    dtype = torch.promote_types(weights.dtype, torch.float32)
+    out = zeros(weights.numel(), dtype).view(weights.shape)
+    return out.copy_(weights.detach()).sub_(start)

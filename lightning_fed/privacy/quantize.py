@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lightning_fed.privacy.buffers import zeros
+
 #: The widest modulus whose sums stay exact in int64 (two values below 2**62 add
 #: without overflow).
 MAX_MODULUS_BITS = 62
@@ -107,7 +109,7 @@ def pack(values: torch.Tensor, modulus_bits: int) -> torch.Tensor:
     width = (modulus_bits + 7) // 8
     flat = values.detach().to(torch.int64).contiguous().view(-1)
     n = flat.numel()
-    out = torch.zeros(n * width, dtype=torch.uint8)
+    out = zeros(n * width, torch.uint8)
     source = flat.numpy()
     head = _whole_windows(n, width)
     if head:

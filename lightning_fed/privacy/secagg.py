@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from lightning_fed.privacy import shamir
+from lightning_fed.privacy.buffers import zeros
 from lightning_fed.privacy.errors import SecAggError
 from lightning_fed.privacy.graph import neighbours
 from lightning_fed.privacy.keys import (
@@ -279,7 +280,7 @@ class SecAggClient:
         if not roster.size:
             return
         # One thread: the client is training on the others.
-        masks = MaskSum(torch.zeros(roster.size, dtype=torch.int64), modulus_bits)
+        masks = MaskSum(zeros(roster.size, torch.int64), modulus_bits)
         masks.add(self._b)
         partners = roster.graph()[self.node]
         for j in partners:
@@ -425,7 +426,7 @@ class SecAggServer:
         self.maskers: list[str] = []  # U2'
         self.helpers: list[str] = []  # who answered step 4: they hold shares to reveal
         # The masked vectors' sum modulo 2**64, reduced modulo 2**modulus_bits to unmask.
-        self.total = torch.zeros(size, dtype=torch.int64)
+        self.total = zeros(size, torch.int64)
         self.unmasked = False  # unmask() removes the masks from total in place, once
         self.masked: set[str] = set()  # U3
         self.masked_with: dict[str, list[str]] = {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_fed.algorithms.aggregate import TensorSpec
+from lightning_fed.privacy.buffers import zeros
 from lightning_fed.privacy.quantize import Quantizer
 
 #: Elements quantised or dequantised at a time: a chunk's float64 temporaries fit a
@@ -97,7 +98,7 @@ class Layout:
                 f"cannot add a {self.size}-element vector to {add_to.dtype} of shape "
                 f"{tuple(add_to.shape)}"
             )
-        out = torch.empty(self.size, dtype=torch.int64) if add_to is None else add_to
+        out = zeros(self.size, torch.int64) if add_to is None else add_to
         levels = (
             torch.empty(min(CHUNK, self.size), dtype=torch.int64) if add_to is not None else None
         )
