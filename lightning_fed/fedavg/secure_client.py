@@ -208,7 +208,7 @@ class SecureRoundClient:
             return layout.encode(deltas, extras, num_samples, spec.quantizer, add_to=base)
 
         masked = self.client.mask_update(encode, layout.size, maskers, spec.modulus_bits)
-        tensors = {MASKED: pack(masked, spec.modulus_bits), **states}
+        tensors = {MASKED: pack(masked, spec.modulus_bits, in_place=True), **states}
         del masked
         self.role.upload(tensors, 1, metrics, evaluation, self.client.masked_with)
 

@@ -97,29 +97,58 @@ def modulus_bits(bits: int, max_total_weight: int) -> int:
     return need
 
 
-def pack(values: torch.Tensor, modulus_bits: int) -> torch.Tensor:
+#: Residues packed at a time: a chunk's source and bytes stay in the cache across the
+#: passes (about a fifth faster than whole-vector passes on a large model).
+PACK_CHUNK = 1 << 16
+
+
+def pack(values: torch.Tensor, modulus_bits: int, *, in_place: bool = False) -> torch.Tensor:
     """Residues (int64, each below ``2**modulus_bits``) as ``ceil(modulus_bits/8)``
     little-endian bytes each: a uint8 tensor, the form they travel in.
 
     Each value is written as a whole little-endian int64 at its element's byte offset;
     its high bytes (zero in a residue) fall on the next elements' bytes, so the writes
-    are OR-ed into a zeroed buffer in passes that never overlap (one pass over strided
-    memory instead of a byte-wise gather: about three times faster on a large model).
+    are OR-ed into zeroed bytes in passes that never overlap (one pass over strided
+    memory instead of a byte-wise gather: about three times faster on a large model),
+    chunk by chunk.
+
+    Args:
+        in_place: pack into ``values``' own memory (a contiguous 1-D int64 tensor,
+            overwritten) and return a view of its first bytes: no second buffer. An
+            element's bytes never land past its own int64, so each chunk, copied
+            aside first, only overwrites elements already packed.
     """
     width = (modulus_bits + 7) // 8
-    flat = values.detach().to(torch.int64).contiguous().view(-1)
+    if in_place:
+        if values.dtype != torch.int64 or values.dim() != 1 or not values.is_contiguous():
+            raise ValueError(
+                f"packing in place needs a contiguous 1-D int64 tensor, got {values.dtype} "
+                f"of shape {tuple(values.shape)}"
+            )
+        flat = values.detach()
+    else:
+        flat = values.detach().to(torch.int64).contiguous().view(-1)
     n = flat.numel()
-    out = zeros(n * width, torch.uint8)
-    source = flat.numpy()
+    out = flat.view(torch.uint8)[: n * width] if in_place else zeros(n * width, torch.uint8)
+    source, raw = flat.numpy(), out.numpy()
+    aside = np.empty(min(PACK_CHUNK, n), dtype=np.int64) if in_place else None
     head = _whole_windows(n, width)
-    if head:
-        target = np.ndarray((head,), dtype="<i8", buffer=out.numpy(), strides=(width,))
-        passes = -(-8 // width)  # elements one 8-byte window touches
+    passes = -(-8 // width)  # elements one 8-byte window touches
+    for start in range(0, head, PACK_CHUNK):
+        stop = min(head, start + PACK_CHUNK)
+        chunk = source[start:stop]
+        if aside is not None:
+            chunk = aside[: stop - start]
+            np.copyto(chunk, source[start:stop])
+            raw[start * width : stop * width] = 0
+        windows = np.ndarray(
+            (stop - start,), dtype="<i8", buffer=raw, offset=start * width, strides=(width,)
+        )
         for r in range(passes):
-            part = target[r::passes]
-            np.bitwise_or(part, source[r:head:passes], out=part)
-    tail = source[head:].astype("<i8").view(np.uint8).reshape(-1, 8)[:, :width]
-    out.numpy()[head * width :] = tail.reshape(-1)
+            part = windows[r::passes]
+            np.bitwise_or(part, chunk[r::passes], out=part)
+    tail = source[head:].astype("<i8").view(np.uint8).reshape(-1, 8)[:, :width].copy()
+    raw[head * width :] = tail.reshape(-1)
     return out
 
 

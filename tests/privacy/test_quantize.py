@@ -3,12 +3,14 @@ documented bound, and the modulus makes overflow impossible."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from lightning_fed.algorithms.aggregate import TensorSpec, weighted_average
 from lightning_fed.privacy.quantize import (
     MAX_MODULUS_BITS,
+    PACK_CHUNK,
     Quantizer,
     add_packed,
     modulus_bits,
@@ -79,17 +81,26 @@ def test_packing_keeps_only_the_modulus_bytes() -> None:
 
 
 @pytest.mark.parametrize("bits", [3, 8, 9, 17, 24, 25, 33, 39, 41, 49, 57, 62])
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 9, 1001])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 9, 1001, PACK_CHUNK + 3])
 def test_packing_is_each_residue_s_low_bytes_in_order(bits: int, n: int) -> None:
     """Every width, including the last elements (whose 8-byte window would run past
-    the buffer) and vectors shorter than one window: the bytes are each residue's
-    little-endian low bytes, element after element, and unpack inverts it."""
+    the buffer), vectors shorter than one window and longer than a chunk: the bytes
+    are each residue's little-endian low bytes, element after element, packed into a
+    new buffer or in place, and unpack inverts it."""
     g = torch.Generator().manual_seed(bits * 1000 + n)
     x = torch.randint(0, 2**bits, (n,), generator=g, dtype=torch.int64)
     width = (bits + 7) // 8
-    expected = bytes(b for v in x.tolist() for b in v.to_bytes(8, "little")[:width])
+    expected = x.numpy().astype("<i8").view(np.uint8).reshape(-1, 8)[:, :width].tobytes()
+    if n < 2000:  # the reference the numpy one stands for
+        assert expected == bytes(b for v in x.tolist() for b in v.to_bytes(8, "little")[:width])
     packed = pack(x, bits)
     assert packed.numpy().tobytes() == expected
+    inside = x.clone()
+    in_place = pack(inside, bits, in_place=True)
+    assert in_place.numpy().tobytes() == expected
+    assert in_place.data_ptr() == inside.data_ptr()  # no second buffer
+    with pytest.raises(ValueError, match="in place needs a contiguous 1-D int64"):
+        pack(x.to(torch.int32), bits, in_place=True)
     assert torch.equal(unpack(packed, bits), x)
     # Bits a sender set above the modulus (in its top byte) are dropped, not carried
     # into the next element.
