@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -346,6 +346,21 @@ class FedAvgStrategy(PartyStrategy):
         if self.role == "aggregator" and self.config.recovery:
             assert isinstance(hooks, AggregatorHooks)
             hooks.restore_if_possible(trainer)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """A LocalDP client trains on its dataloader's Poisson-sampled form (see
+        :meth:`~lightning_fed.privacy.dpsgd.DPSGDCallback.sampling_loader`)."""
+        dataloader = super().process_dataloader(dataloader)
+        hooks, trainer = self._hooks, self._trainer
+        if (
+            isinstance(hooks, ClientHooks)
+            and hooks.local_dp is not None
+            and trainer is not None
+            and trainer.state.stage == RunningStage.TRAINING
+        ):
+            return hooks.local_dp.sampling_loader(dataloader)
+        return dataloader
 
     def _setup_aggregator_loop(self, trainer: pl.Trainer) -> None:
         # One epoch per round, fed by a one-item stand-in: the aggregator holds no

@@ -170,10 +170,10 @@ class LocalDP:
     supports: layers Opacus computes per-example gradients for (Linear, Conv, Embedding,
     LayerNorm, GroupNorm, RNNs, ...; BatchNorm is refused because it mixes examples,
     use GroupNorm), one optimizer, automatic optimization, and a loss averaged over the
-    batch. Batches are the datamodule's own shuffled batches; the accountant takes
-    ``1 / batches per epoch`` as the sample rate, as Opacus does without Poisson
-    sampling. Epsilon is logged every round (``dp/epsilon``) and sent to the aggregator
-    with the update, which keeps it in ``report.json``.
+    batch. The accountant takes ``q = 1 / batches per epoch`` as the sample rate of a
+    Poisson-subsampled Gaussian mechanism. Epsilon is logged every round
+    (``dp/epsilon``) and sent to the aggregator with the update, which keeps it in
+    ``report.json``.
 
     Args:
         noise_multiplier: the noise's standard deviation over ``max_grad_norm``.
@@ -181,6 +181,15 @@ class LocalDP:
         delta: the delta at which epsilon is reported (below 1 / examples).
         target_epsilon: this client stops taking part before a round would spend more.
         accountant: ``"rdp"`` or ``"prv"``.
+        poisson_sampling: draw every batch as the accountant assumes: each example
+            independently with probability ``q`` (Opacus' ``DPDataLoader`` over the
+            train dataloader's dataset, from a generator seeded by ``os.urandom``), so
+            batches vary in size around the dataloader's ``batch_size`` (the average
+            the noise is divided by) and may rarely be empty. ``False`` keeps the
+            dataloader's own shuffled batches of fixed size: the reported epsilon is
+            then the common approximation (as Opacus, TF Privacy and Flower report it
+            for shuffled batches), not a proven bound. Needs a map-style dataset whose
+            items are tensors or tuples of tensors.
     """
 
     def __init__(
@@ -190,8 +199,14 @@ class LocalDP:
         delta: float = 1e-5,
         target_epsilon: float | None = None,
         accountant: str = "rdp",
+        poisson_sampling: bool = True,
     ) -> None:
         owner = "LocalDP"
+        if not isinstance(poisson_sampling, bool):
+            raise SettingError(
+                f"{owner}: poisson_sampling must be True or False, got {poisson_sampling!r}"
+            )
+        self.poisson_sampling = poisson_sampling
         self.noise_multiplier = check_number(
             f"{owner}: noise_multiplier", noise_multiplier, at_least=0
         )
@@ -210,7 +225,8 @@ class LocalDP:
         return (
             f"LocalDP(noise_multiplier={self.noise_multiplier:g}, "
             f"max_grad_norm={self.max_grad_norm:g}, delta={self.delta:g}, "
-            f"target_epsilon={self.target_epsilon}, accountant={self.accountant!r})"
+            f"target_epsilon={self.target_epsilon}, accountant={self.accountant!r}, "
+            f"poisson_sampling={self.poisson_sampling})"
         )
 
 

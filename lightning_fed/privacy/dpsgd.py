@@ -56,8 +56,52 @@ class DPSGDCallback(Callback):
         self.round_steps = 0  # optimizer steps of the current round
         self.stopping_reason: str | None = None
         self._grad_sample: Any = None
+        self._expected_batch: int | None = None  # the Poisson loader's mean batch size
 
     # -- setting up ---------------------------------------------------------------------------
+    def sampling_loader(self, dataloader: Any) -> Any:
+        """The train dataloader the client trains on: with ``poisson_sampling``, Opacus'
+        ``DPDataLoader`` over the same dataset (each example in a batch with probability
+        ``1 / len(dataloader)``, from a generator seeded by ``os.urandom``: Lightning's
+        ``seed_everything`` would make the global one known), else ``dataloader``.
+
+        Raises:
+            SettingError: the dataloader cannot be Poisson-sampled.
+        """
+        if not self.settings.poisson_sampling:
+            return dataloader
+        from torch.utils.data import DataLoader, IterableDataset
+
+        hint = (
+            "hint: give the train dataloader a map-style dataset, or "
+            "LocalDP(poisson_sampling=False)"
+        )
+        iterable = isinstance(getattr(dataloader, "dataset", None), IterableDataset)
+        if not isinstance(dataloader, DataLoader) or iterable:
+            dataset = type(getattr(dataloader, "dataset", None)).__name__
+            raise SettingError(
+                f"client {self.node!r}: LocalDP's Poisson sampling draws examples from a "
+                f"torch DataLoader over a map-style dataset; the train dataloader is "
+                f"{type(dataloader).__name__} over {dataset}; {hint}"
+            )
+        batch_size = dataloader.batch_size
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise SettingError(
+                f"client {self.node!r}: LocalDP needs the train dataloader's batch_size (the "
+                f"mean size of its Poisson batches), got {batch_size!r}; {hint}"
+            )
+        try:
+            loader = require_opacus("opacus.data_loader").DPDataLoader.from_data_loader(
+                dataloader, generator=noise_generator()
+            )
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise SettingError(
+                f"client {self.node!r}: LocalDP's Poisson sampling cannot wrap the train "
+                f"dataloader ({type(exc).__name__}: {exc}); {hint}"
+            ) from None
+        self._expected_batch = batch_size
+        return loader
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         problems = module_problems(pl_module)
@@ -108,7 +152,13 @@ class DPSGDCallback(Callback):
                 f"client {self.node!r}: LocalDP needs a sized train dataloader (the sample "
                 f"rate is 1 / batches per epoch), got {batches!r} batches"
             )
-        batch_size = getattr(trainer.train_dataloader, "batch_size", None)
+        batch_size = self._expected_batch or getattr(trainer.train_dataloader, "batch_size", None)
+        if self.settings.poisson_sampling and self._expected_batch is None:
+            raise SettingError(
+                f"client {self.node!r}: LocalDP(poisson_sampling=True) but the train "
+                "dataloader was not handed to its Poisson sampler (the client's strategy "
+                "does that); hint: train with FedAvgStrategy, or poisson_sampling=False"
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise SettingError(
                 f"client {self.node!r}: LocalDP needs the train dataloader's batch_size "
@@ -140,11 +190,12 @@ class DPSGDCallback(Callback):
         trainer.strategy.optimizers = [wrapped]
         log.info(
             "client %s: local DP-SGD with noise multiplier %g, max_grad_norm %g, %d batches of "
-            "%d per epoch (sample rate %.4g); epsilon so far %.4g (delta %g)",
+            "%s%d per epoch (sample rate %.4g); epsilon so far %.4g (delta %g)",
             self.node,
             self.settings.noise_multiplier,
             self.settings.max_grad_norm,
             batches,
+            "Poisson-sampled, on average " if self.settings.poisson_sampling else "",
             batch_size,
             self.sample_rate,
             self.epsilon,

@@ -267,15 +267,19 @@ def test_local_dp_sgd_counts_each_clients_epsilon_and_a_target_makes_it_leave(
     assert sorted(report["rounds"][1]["samples"]) == ["c1", "c2"]
     assert "LocalDP: target_epsilon=" in f.log("c3")
     assert "left the federation" in f.log("c3")
+    assert "4 batches of Poisson-sampled, on average 16 per epoch" in f.log("c3")
     assert (f.root / "c1" / "fedavg" / "t" / "c1" / "state" / "local-dp-accountant.json").is_file()
 
 
 def test_local_dp_clips_each_examples_gradient_and_refuses_batchnorm(fed: Any) -> None:
     """No noise and max_grad_norm 1e-4: every step moves the model by at most lr * 1e-4,
     so a round of 4 steps at lr 1 moves it by at most 4e-4 (plain training moves it by
-    far more). A module with BatchNorm is refused up front, naming the layer."""
+    far more). The dataloader's own batches of 16 (with Poisson sampling a step divides
+    a batch's clipped sum by the mean size, so a large batch moves further). A module
+    with BatchNorm is refused up front, naming the layer."""
     clients = CLIENTS[:2]
-    dp = {"differential_privacy": LocalDP(noise_multiplier=0.0, max_grad_norm=1e-4)}
+    fixed = LocalDP(noise_multiplier=0.0, max_grad_norm=1e-4, poisson_sampling=False)
+    dp = {"differential_privacy": fixed}
     f = run(fed, "clip", 1, {}, client=dp, party={"lr": 1.0}, clients=clients)
     ok(f, [*clients, "agg"])
     moved = float(change(f.out("agg") / "final.safetensors").norm())
