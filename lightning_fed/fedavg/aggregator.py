@@ -398,7 +398,8 @@ class AggregatorRole:
             from lightning_fed.fedavg.secure_aggregator import SecureRoundServer
 
             assert cfg.secure_aggregation is not None
-            layout = Layout.of(expected, algorithm.upload_spec())
+            extra = {} if privacy is None else privacy.secure_extras()
+            layout = Layout.of(expected, {**algorithm.upload_spec(), **extra})
             secure = SecureRoundServer(
                 self, cfg.secure_aggregation, spec, round, attempt, chosen, layout
             )
@@ -481,7 +482,12 @@ class AggregatorRole:
         aggregate = statistic.result() if secure is None else secure.result(global_state, rejected)
         spent = None
         if privacy is not None:
-            spent = privacy.finish_round(len(chosen), len(self.clients), aggregate.clients)
+            spent = privacy.finish_round(
+                len(chosen),
+                len(self.clients),
+                aggregate.clients,
+                aggregate.extras if secure is not None else None,
+            )
         return RoundResult(
             round=round,
             aggregate=aggregate,

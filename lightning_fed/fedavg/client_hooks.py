@@ -38,7 +38,7 @@ from lightning_fed.outputs import (
 )
 from lightning_fed.privacy.buffers import zeros
 from lightning_fed.privacy.dp import add_noise_, clip_, noise_generator
-from lightning_fed.privacy.dp_settings import DistributedNoise, LocalDP
+from lightning_fed.privacy.dp_settings import UNCLIPPED_EXTRA, DistributedNoise, LocalDP
 from lightning_fed.privacy.dpsgd import DPSGDCallback
 from lightning_fed.ranks import Ranks
 from lightning_fed.trainer_access import callbacks_of
@@ -318,11 +318,18 @@ class ClientHooks(RoleHooks, Checkpoint):
             deltas = {n: _change(t, start[n]) for n, t in state.items()}
             del state
             weight = seen
+            sent = extras
             if noise is not None:  # distributed DP: clip, add this client's share of noise
-                clip_(deltas, noise.clip)
-                add_noise_(deltas, noise.std, noise_generator())
+                generator = noise_generator()
+                norm = clip_(deltas, noise.clip)
+                add_noise_(deltas, noise.std, generator)
                 weight = 1  # equal weights: a client's influence is bounded by the clip
-            self._secure.upload(deltas, extras, weight, metrics, body, states)
+                if noise.count_std:  # adaptive clipping: did it fit (centred), noised
+                    fit = (0.5 if norm <= noise.clip else -0.5) + noise.count_std * float(
+                        torch.randn((), generator=generator, dtype=torch.float64)
+                    )
+                    sent = {**extras, UNCLIPPED_EXTRA: torch.tensor([fit], dtype=torch.float32)}
+            self._secure.upload(deltas, sent, weight, metrics, body, states)
 
         try:
             self.role.on_zero(upload)

@@ -162,12 +162,6 @@ class FedAvgConfig:
                 "(and tells the clients their share under secure aggregation); hint: set it on "
                 "the aggregator, or give this client LocalDP(...) for DP-SGD on its own data"
             )
-        if isinstance(dp, DifferentialPrivacy) and self.secure_aggregation and dp.adaptive:
-            raise SettingError(
-                "adaptive clipping needs the count of unclipped updates, which the aggregator "
-                "cannot see under secure aggregation (it is not carried in the masked sum "
-                "yet); hint: give DifferentialPrivacy a fixed clip with secure_aggregation"
-            )
 
     @property
     def epochs_per_round(self) -> int:

@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from lightning_fed.algorithms import Algorithm, ClientUpdate, ModelSpec, RoundAggregate, Statistic
+from lightning_fed.algorithms import (
+    Algorithm,
+    ClientUpdate,
+    ModelSpec,
+    RoundAggregate,
+    Statistic,
+    TensorSpec,
+)
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.privacy.accounting import Accountant, noise_multiplier_for
 from lightning_fed.privacy.dp import (
@@ -33,6 +40,7 @@ from lightning_fed.privacy.dp import (
     update_noise_multiplier,
 )
 from lightning_fed.privacy.dp_settings import (
+    UNCLIPPED_EXTRA,
     AdaptiveClipping,
     DifferentialPrivacy,
     DistributedNoise,
@@ -240,13 +248,25 @@ class PrivateRounds:
             smallest = max(3, self.smallest)
             std = self.noise_multiplier * self.clip / math.sqrt(smallest)
             room = self.clip + NOISE_ROOM * std
+            what = f"a clipped update's coordinate reaches {self.clip:g}"
+            if self.adaptive:  # the clip grows; the count's extra must fit too
+                count = self._noise(smallest)[1] / math.sqrt(smallest)
+                if 0.5 + NOISE_ROOM * count > room:
+                    room = 0.5 + NOISE_ROOM * count
+                    std, what = count, "the count of unclipped updates reaches 1/2"
             if self.secure.clip < room:
                 raise FedAvgError(
                     f"secure aggregation's clip={self.secure.clip:g} is too narrow for "
-                    f"distributed DP: a clipped update's coordinate reaches {self.clip:g}, and "
-                    f"in a round of {smallest} clients (min_clients) each client's noise has "
-                    f"standard deviation {std:.3g}; hint: "
-                    f"SecureAggregation(clip={math.ceil(room * 10) / 10:g}) or more"
+                    f"distributed DP: {what}, and in a round of {smallest} clients "
+                    f"(min_clients) each client's noise has standard deviation {std:.3g}; "
+                    f"hint: SecureAggregation(clip={math.ceil(room * 10) / 10:g}) or more"
+                )
+            if self.adaptive:
+                log.warning(
+                    "aggregator: adaptive clipping with secure aggregation: the clip may grow "
+                    "past secure aggregation's clip=%g per coordinate; coordinates beyond it "
+                    "are clipped there (the clients warn when they are)",
+                    self.secure.clip,
                 )
 
     # -- each round ---------------------------------------------------------------------------
@@ -273,19 +293,39 @@ class PrivateRounds:
         self._stat, self._open = stat, True
         return stat
 
-    def round_noise(self, clients: int) -> DistributedNoise:
-        """Distributed DP: what each of a round's ``clients`` clients clips and adds."""
-        z, _ = self._noise(clients)
-        self._stat, self._open = None, True
-        return DistributedNoise(self.clip, z * self.clip / math.sqrt(clients))
+    @property
+    def adaptive(self) -> bool:
+        return isinstance(self.settings.clip, AdaptiveClipping)
 
-    def finish_round(self, chosen: int, population: int, summed: int) -> RoundPrivacy:
+    def round_noise(self, clients: int) -> DistributedNoise:
+        """Distributed DP: what each of a round's ``clients`` clients clips and adds (its
+        share of the updates' noise and, under adaptive clipping, of the count's)."""
+        z, count_std = self._noise(clients)
+        self._stat, self._open = None, True
+        share = 1 / math.sqrt(clients)
+        return DistributedNoise(self.clip, z * self.clip * share, count_std * share)
+
+    def secure_extras(self) -> dict[str, TensorSpec]:
+        """What distributed DP adds to each masked vector: adaptive clipping's count."""
+        if self.distributed and self.adaptive:
+            return {UNCLIPPED_EXTRA: TensorSpec((1,), torch.float32)}
+        return {}
+
+    def finish_round(
+        self,
+        chosen: int,
+        population: int,
+        summed: int,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> RoundPrivacy:
         """Record the round's mechanism; adapt the clip.
 
         Args:
             chosen: the clients sampled for the round.
             population: the federation's clients.
             summed: the clients whose update is in the sum.
+            extras: distributed DP: the secure aggregate's extras; adaptive clipping's
+                count (:data:`UNCLIPPED_EXTRA`, the survivors' mean) is taken out of them.
         """
         assert self._open, "finish_round before statistic or round_noise"
         stat, self._stat, self._open = self._stat, None, False
@@ -296,12 +336,17 @@ class PrivateRounds:
         if self.distributed:
             # Clients that dropped out took their share of the noise with them.
             effective *= math.sqrt(summed / chosen)
-        if stat is not None and isinstance(self.settings.clip, AdaptiveClipping):
+        counted = None if extras is None else extras.pop(UNCLIPPED_EXTRA, None)
+        if isinstance(self.settings.clip, AdaptiveClipping):
             adaptive = self.settings.clip
-            fraction = stat.noised_fraction()
-            self.clip = next_clip(
-                self.clip, fraction, adaptive.target_quantile, adaptive.learning_rate
-            )
+            if stat is not None:
+                fraction = stat.noised_fraction()
+            elif counted is not None:  # the mean of centred, noised indicators
+                fraction = float(counted.double().sum()) + 0.5
+            if fraction is not None:
+                self.clip = next_clip(
+                    self.clip, fraction, adaptive.target_quantile, adaptive.learning_rate
+                )
         self.accountant.step(effective, rate)
         self._write_ledger()
         return RoundPrivacy(

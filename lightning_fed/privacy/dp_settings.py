@@ -230,26 +230,44 @@ class LocalDP:
         )
 
 
+#: The extra a distributed-DP client adds to its masked vector under adaptive clipping:
+#: whether its update fit the clip, centred (+1/2 or -1/2), plus its share of the
+#: count's noise. The secure sum's mean of it, plus 1/2, is the noised fraction.
+UNCLIPPED_EXTRA = "dp/unclipped"
+
+
 @dataclass(frozen=True)
 class DistributedNoise:
     """What a round message tells the clients of a distributed-DP round (``dp`` in its
-    body): clip the update to ``clip`` and add noise of standard deviation ``std``."""
+    body): clip the update to ``clip`` and add noise of standard deviation ``std``;
+    under adaptive clipping (``count_std > 0``) also send, as the extra
+    :data:`UNCLIPPED_EXTRA`, whether the update fit (centred) plus noise of standard
+    deviation ``count_std``."""
 
     clip: float
     std: float
+    count_std: float = 0.0
 
     def to_body(self) -> dict[str, float]:
-        return {"clip": self.clip, "std": self.std}
+        out = {"clip": self.clip, "std": self.std}
+        if self.count_std:
+            out["count_std"] = self.count_std
+        return out
 
     @classmethod
     def parse(cls, body: Any) -> DistributedNoise:
         """Raises ValueError naming what does not fit."""
-        rule = "an object with a number 'clip' > 0 and a number 'std' >= 0"
-        values = [body.get(k) if isinstance(body, dict) else None for k in ("clip", "std")]
+        rule = (
+            "an object with a number 'clip' > 0, a number 'std' >= 0 and optionally a "
+            "number 'count_std' >= 0"
+        )
+        if not isinstance(body, dict):
+            raise ValueError(f"the round's differential privacy settings {body!r}: need {rule}")
+        values = [body.get("clip"), body.get("std"), body.get("count_std", 0.0)]
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
             raise ValueError(f"the round's differential privacy settings {body!r}: need {rule}")
-        out = cls(float(values[0]), float(values[1]))  # type: ignore[arg-type]
-        finite = math.isfinite(out.clip) and math.isfinite(out.std)
-        if not (finite and out.clip > 0 and out.std >= 0):
+        out = cls(*(float(v) for v in values))
+        finite = all(math.isfinite(v) for v in (out.clip, out.std, out.count_std))
+        if not (finite and out.clip > 0 and out.std >= 0 and out.count_std >= 0):
             raise ValueError(f"the round's differential privacy settings {body!r}: need {rule}")
         return out

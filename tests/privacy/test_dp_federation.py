@@ -180,6 +180,47 @@ def test_distributed_dp_accounts_for_the_noise_a_dropout_took_with_it(fed: Any) 
     assert 0.6 * want <= float(moved.std()) <= 1.4 * want, (float(moved.std()), want)
 
 
+@pytest.mark.parametrize(("lr", "fits"), [(2.0, False), (0.0, True)])
+def test_adaptive_clipping_under_secure_aggregation_counts_in_the_masked_sum(
+    fed: Any, lr: float, fits: bool
+) -> None:
+    """Distributed DP with adaptive clipping: each client sends whether its update fit
+    the clip (centred, plus its share of the count's noise) inside its masked vector.
+    Clients that learn fast (lr 2) never fit the tiny first clip, clients that do not
+    learn (lr 0) always fit it: the secure sum's fraction (noise std 0.5 / 5 = 0.1 on
+    it) says so every round, the clip follows the geometric rule from it, epsilon is
+    the accountant's for the whole noise multiplier, and the count does not reach the
+    model."""
+    z, rate = 0.5, 0.5
+    adaptive = AdaptiveClipping(initial=1e-4, learning_rate=rate, count_stddev=0.5)
+    dp = DifferentialPrivacy(noise_multiplier=z, clip=adaptive)
+    secure = SecureAggregation(clip=2.0, bits=24, timeout=120)
+    f = run(
+        fed,
+        "adaptive-secure",
+        3,
+        {"differential_privacy": dp, "secure_aggregation": secure, "min_clients": 3},
+        party={"lr": lr},
+    )
+    ok(f, [*CLIENTS, "agg"])
+    report = f.report()
+    assert report["privacy"]["mode"] == "distributed"
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for n, r in enumerate(rounds, start=1):
+        fraction = r["privacy"]["unclipped_fraction"]
+        assert (fraction > 0.5) == fits, (n, fraction)  # 5 standard deviations away
+        acc = Accountant()
+        acc.step(z, 1.0, n)
+        assert r["privacy"]["epsilon"] == pytest.approx(acc.epsilon(1e-5), rel=1e-9)
+    assert rounds[0]["privacy"]["clip"] == pytest.approx(1e-4)
+    for before, after in itertools.pairwise(rounds):
+        p = before["privacy"]
+        want = p["clip"] * math.exp(-rate * (p["unclipped_fraction"] - 0.5))
+        assert after["privacy"]["clip"] == pytest.approx(want, rel=1e-9)
+    change(f.out("agg") / "final.safetensors")  # the model's tensors, nothing else
+
+
 def test_a_target_epsilon_stops_the_run_before_it_is_exceeded(fed: Any) -> None:
     z = 2.0
     acc = Accountant()

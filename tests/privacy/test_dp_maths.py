@@ -11,7 +11,7 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from lightning_fed.algorithms import ClientUpdate
+from lightning_fed.algorithms import ClientUpdate, FedAvg, ModelSpec, TensorSpec
 from lightning_fed.errors import SettingError
 from lightning_fed.fedavg.dp_aggregator import ClippedMean, PrivateRounds
 from lightning_fed.privacy import (
@@ -19,6 +19,7 @@ from lightning_fed.privacy import (
     AdaptiveClipping,
     DifferentialPrivacy,
     LocalDP,
+    SecureAggregation,
     noise_multiplier_for,
 )
 from lightning_fed.privacy.dp import (
@@ -215,9 +216,63 @@ def test_a_malformed_round_noise_is_named_with_the_rule() -> None:
     from lightning_fed.privacy.dp_settings import DistributedNoise
 
     assert DistributedNoise.parse({"clip": 1, "std": 0.5}) == DistributedNoise(1.0, 0.5)
-    for body in ({"clip": True, "std": 0.1}, {"clip": 1.0}, {"clip": 1.0, "std": -1}, [1, 2]):
+    both = DistributedNoise(1.0, 0.5, 0.25)
+    assert DistributedNoise.parse(both.to_body()) == both
+    assert "count_std" not in DistributedNoise(1.0, 0.5).to_body()  # as before adaptive
+    bad = (
+        {"clip": True, "std": 0.1},
+        {"clip": 1.0},
+        {"clip": 1.0, "std": -1},
+        [1, 2],
+        {"clip": 1.0, "std": 0.1, "count_std": -0.5},
+        {"clip": 1.0, "std": 0.1, "count_std": "x"},
+    )
+    for body in bad:
         with pytest.raises(ValueError, match="need an object with a number 'clip' > 0"):
             DistributedNoise.parse(body)
+
+
+def test_distributed_adaptive_clipping_shares_the_count_noise_and_follows_the_rule() -> None:
+    """Under secure aggregation each of m clients adds 1/sqrt(m) of both noises (the
+    updates' with the multiplier left after the count's share of the budget); the
+    secure mean of the centred, noised indicators plus 1/2 is the fraction the clip
+    follows, and the count is taken out of the aggregate's extras."""
+    from lightning_fed.privacy.dp_settings import UNCLIPPED_EXTRA, DistributedNoise
+
+    adaptive = AdaptiveClipping(initial=0.2, learning_rate=0.5, count_stddev=1.0)
+    dp = DifferentialPrivacy(noise_multiplier=1.0, clip=adaptive)
+    secure = SecureAggregation(clip=3.0, bits=20)
+    rounds = PrivateRounds(dp, secure, 5)
+    assert rounds.secure_extras() == {UNCLIPPED_EXTRA: TensorSpec((1,), torch.float32)}
+    assert PrivateRounds(DifferentialPrivacy(1.0, clip=0.5), secure, 5).secure_extras() == {}
+    assert PrivateRounds(dp, None, 5).secure_extras() == {}  # central DP counts itself
+    noise = rounds.round_noise(4)
+    z = update_noise_multiplier(1.0, 1.0)
+    assert noise == DistributedNoise(0.2, z * 0.2 / 2, 1.0 / 2)
+    extras = {UNCLIPPED_EXTRA: torch.tensor([-0.3]), "other": torch.zeros(2)}
+    spent = rounds.finish_round(4, 4, 4, extras)
+    assert spent.unclipped_fraction == pytest.approx(0.2)
+    assert rounds.clip == pytest.approx(0.2 * math.exp(-0.5 * (0.2 - 0.5)))
+    assert set(extras) == {"other"}
+    assert spent.noise_multiplier == 1.0 and spent.clip == 0.2
+
+
+def test_distributed_adaptive_clipping_refuses_a_secure_range_too_narrow_for_the_count() -> None:
+    """The count's extra (+-1/2 plus each client's share of count noise 2.0 / sqrt(3))
+    must fit secure aggregation's clip, as the update's coordinates must."""
+    from lightning_fed.fedavg.errors import FedAvgError
+
+    adaptive = AdaptiveClipping(initial=0.01, count_stddev=2.0)
+    dp = DifferentialPrivacy(noise_multiplier=0.1, clip=adaptive)
+    rounds = PrivateRounds(dp, SecureAggregation(clip=1.0, bits=20), 5)
+    with pytest.raises(FedAvgError, match="the count of unclipped updates reaches 1/2"):
+        rounds.setup(
+            FedAvg(), ModelSpec({"w": TensorSpec((3,), torch.float32)}, frozenset({"w"})), 3, 3, 3
+        )
+    wide = PrivateRounds(dp, SecureAggregation(clip=5.2, bits=20), 5)
+    wide.setup(
+        FedAvg(), ModelSpec({"w": TensorSpec((3,), torch.float32)}, frozenset({"w"})), 3, 3, 3
+    )
 
 
 def test_recovery_refuses_other_settings_and_counts_rounds_after_the_checkpoint(
