@@ -70,8 +70,12 @@ class SecureRoundClient:
         self.role = role
         self.spec = spec
         self.node = role.channel.node_id
+        channel = role.channel
         self.client = SecAggClient(
-            self.node, round_context(role.channel.task.task_id, round, attempt)
+            self.node,
+            round_context(channel.task.task_id, round, attempt),
+            sign=channel.identity.sign,
+            verify=channel.task.verify,
         )
         self.step_timeout = spec.timeout + STEP_MARGIN
         self._thread: threading.Thread | None = None

@@ -73,29 +73,46 @@ def threshold_for(degree: int, fraction: float) -> int:
     return max(1, min(degree, math.floor(fraction * degree) + 1))
 
 
+#: Bytes of an advert's signature (Ed25519, by the client's node key).
+SIGNATURE_BYTES = 64
+
+
 @dataclass(frozen=True)
 class Advert:
-    """A client's public keys and its commitment to its self-mask seed."""
+    """A client's public keys, its commitment to its self-mask seed, and its signature of
+    them with its node key (empty where no key signs: in-process tests)."""
 
     c: bytes
     s: bytes
     commit: bytes
+    signature: bytes = b""
+
+    def signed_bytes(self, context: bytes, node: str) -> bytes:
+        """What the signature covers: the round, the node and its keys."""
+        return b"|".join(
+            (b"lightning_fed secagg advert", context, node.encode(), self.c, self.s, self.commit)
+        )
 
     def to_body(self) -> dict[str, str]:
-        return {"c": self.c.hex(), "s": self.s.hex(), "commit": self.commit.hex()}
+        out = {"c": self.c.hex(), "s": self.s.hex(), "commit": self.commit.hex()}
+        if self.signature:
+            out["signature"] = self.signature.hex()
+        return out
 
     @classmethod
     def from_body(cls, body: Mapping[str, object]) -> Advert:
         """Raises ValueError naming the field that does not fit."""
         values = []
-        for key in ("c", "s", "commit"):
+        for key, size in (("c", KEY_BYTES), ("s", KEY_BYTES), ("commit", KEY_BYTES)) + (
+            (("signature", SIGNATURE_BYTES),) if "signature" in body else ()
+        ):
             raw = body.get(key)
             try:
                 value = bytes.fromhex(raw) if isinstance(raw, str) else b""
             except ValueError:
                 value = b""
-            if len(value) != KEY_BYTES:
-                raise ValueError(f"field {key!r} must be {KEY_BYTES} bytes as hex, got {raw!r}")
+            if len(value) != size:
+                raise ValueError(f"field {key!r} must be {size} bytes as hex, got {raw!r}")
             values.append(value)
         return cls(*values)
 
@@ -196,14 +213,37 @@ def pair_sign(me: str, other: str) -> bool:
 
 
 class SecAggClient:
-    """A client's side of one secure-aggregation round."""
+    """A client's side of one secure-aggregation round.
 
-    def __init__(self, node: str, context: bytes) -> None:
+    Args:
+        node: the client's node id.
+        context: names the round in every key and share.
+        sign: signs this client's advert with its node key, so that its neighbours
+            know the keys are its own (an aggregator that swapped them would sit in the
+            middle of every key agreement and open every share).
+        verify: ``verify(node, signature, data)``: whether a neighbour's advert carries
+            that node's signature; every advert of the roster must.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        context: bytes,
+        *,
+        sign: Callable[[bytes], bytes] | None = None,
+        verify: Callable[[str, bytes, bytes], bool] | None = None,
+    ) -> None:
         self.node = node
         self.context = context
         self._c = KeyPair()
         self._s = KeyPair()
         self._b = os.urandom(SEED_BYTES)
+        self._verify = verify
+        advert = Advert(self._c.public, self._s.public, commitment(context, self._b))
+        if sign is not None:
+            signature = sign(advert.signed_bytes(context, node))
+            advert = Advert(advert.c, advert.s, advert.commit, signature)
+        self._advert = advert
         self.roster: Roster | None = None
         self._held: dict[str, tuple[int, int]] = {}  # neighbour -> (b share, s share)
         self.masked_with: list[str] = []
@@ -211,20 +251,35 @@ class SecAggClient:
 
     def advertise(self) -> Advert:
         """Step 1."""
-        return Advert(self._c.public, self._s.public, commitment(self.context, self._b))
+        return self._advert
 
     def share(self, roster: Roster, min_threshold: float) -> dict[str, bytes]:
         """Step 3: the sealed share pair for each neighbour.
 
         Raises:
-            SecAggError: this client is not in the roster, or the roster's threshold is
-                below what this client accepts (``min_threshold`` of its neighbours).
+            SecAggError: this client is not in the roster with its own keys, an advert
+                of the roster does not carry its node's signature (with ``verify``), or
+                the roster's threshold is below what this client accepts
+                (``min_threshold`` of its neighbours).
         """
         if roster.adverts.get(self.node) != self.advertise():
             raise SecAggError(
                 f"client {self.node!r} is not in the aggregator's roster with its own keys; "
                 "the round cannot be secure"
             )
+        if self._verify is not None:
+            forged = sorted(
+                n
+                for n, a in roster.adverts.items()
+                if not self._verify(n, a.signature, a.signed_bytes(self.context, n))
+            )
+            if forged:
+                raise SecAggError(
+                    f"client {self.node!r}: the roster's keys of {', '.join(forged)} do not "
+                    "carry their node's signature: they were changed after they were sent "
+                    "(by the aggregator or in the storage), and sharing secrets under them "
+                    "could expose this client's update; the round cannot be secure"
+                )
         if roster.threshold < threshold_for(roster.degree, min_threshold):
             raise SecAggError(
                 f"the aggregator asks for a threshold of {roster.threshold} of "

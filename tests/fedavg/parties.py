@@ -234,8 +234,10 @@ def tamper_updates(round: int | None, how: str) -> None:
 def sabotage(plans: list[tuple[str, int, str]]) -> None:
     """Make this process misbehave around what it sends: ``(kind, round, how)`` with
     ``how`` one of ``die_before`` / ``die_after`` (SIGKILL around sending that message),
-    ``garble`` (its tensors' bytes replaced by random ones of the same length) or
-    ``short`` (every tensor one element short). Everything else stays real."""
+    ``garble`` (its tensors' bytes replaced by random ones of the same length),
+    ``short`` (every tensor one element short) or ``swap_keys`` (an aggregator in the
+    middle: the first advert of a secure-aggregation roster gets keys of its own,
+    keeping the client's signature). Everything else stays real."""
     from lightning_fed.channel import Channel
 
     send = Channel.send
@@ -254,6 +256,13 @@ def sabotage(plans: list[tuple[str, int, str]]) -> None:
             }
         if tensors is not None and "short" in hows:
             kw["tensors"] = {k: v.reshape(-1)[:-1] for k, v in tensors.items()}
+        if "swap_keys" in hows:
+            from lightning_fed.privacy.keys import KeyPair
+
+            adverts = dict(body["adverts"])
+            victim = sorted(adverts)[0]
+            adverts[victim] = {**adverts[victim], "c": KeyPair().public.hex()}
+            body = {**body, "adverts": adverts}
         seq = send(self, kind, body, **kw)
         if "die_after" in hows:
             os.kill(os.getpid(), signal.SIGKILL)

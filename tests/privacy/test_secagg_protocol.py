@@ -299,3 +299,52 @@ def test_the_graph_is_regular_symmetric_and_the_same_for_everyone() -> None:
     assert all(c in g[j] for c, v in g.items() for j in v)
     assert neighbours(list(reversed(clients)), k, b"seed") == g
     assert neighbours(clients, k, b"other") != g
+
+
+def test_an_aggregator_in_the_middle_is_caught_by_the_advert_signatures() -> None:
+    """The aggregator relays the adverts, so it could hand everyone its own key in place
+    of c1's: then every share sealed to c1 opens with its key (shown below without the
+    check). Signed adverts, checked against each node's key from the task, stop it:
+    every client refuses the roster, naming c1; an unsigned advert is refused too."""
+    from lightning_fed.channel import NodeIdentity, TaskConfig
+    from lightning_fed.privacy.keys import SHARE_LABEL, KeyPair, unseal
+
+    names = ["c1", "c2", "c3", "c4"]
+    ids = {n: NodeIdentity.generate(n) for n in names}
+    task = TaskConfig("t", {n: i.public_key_text for n, i in ids.items()})
+
+    def clients(check: bool) -> dict[str, SecAggClient]:
+        return {
+            n: SecAggClient(n, CONTEXT, sign=ids[n].sign, verify=task.verify if check else None)
+            for n in names
+        }
+
+    def swapped(cs: dict[str, SecAggClient], mitm: KeyPair) -> Roster:
+        server = SecAggServer(CONTEXT, names, 10, BITS, None, 0.5, os.urandom(32))
+        for n, c in cs.items():
+            server.add_advert(n, Advert.from_body(c.advertise().to_body()))
+        body = server.make_roster(min_clients=3).to_body()
+        body["adverts"]["c1"] = {**body["adverts"]["c1"], "c": mitm.public.hex()}
+        return Roster.from_body(body)
+
+    mitm = KeyPair()
+    unchecked = clients(check=False)
+    roster = swapped(unchecked, mitm)
+    sealed = unchecked["c2"].share(roster, 0.5)["c1"]  # c2 seals c1's share to the mitm
+    key = mitm.agree(roster.adverts["c2"].c, SHARE_LABEL, CONTEXT)
+    assert unseal(key, sealed, CONTEXT + b"|c2->c1") is not None  # and it opens
+    checked = clients(check=True)
+    roster = swapped(checked, mitm)
+    for n in names[1:]:
+        with pytest.raises(SecAggError, match="the roster's keys of c1 do not carry"):
+            checked[n].share(roster, 0.5)
+    unsigned = clients(check=True)
+    server = SecAggServer(CONTEXT, names, 10, BITS, None, 0.5, os.urandom(32))
+    for n, c in unsigned.items():
+        body = c.advertise().to_body()
+        if n == "c3":
+            del body["signature"]
+        server.add_advert(n, Advert.from_body(body))
+    roster = Roster.from_body(server.make_roster(min_clients=3).to_body())
+    with pytest.raises(SecAggError, match="the roster's keys of c3 do not carry"):
+        unsigned["c1"].share(roster, 0.5)

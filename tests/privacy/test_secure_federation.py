@@ -261,3 +261,22 @@ def test_federated_evaluation_works_beside_secure_aggregation(fed: Any) -> None:
     )
     assert "federated_metrics" in report["rounds"][0]
     assert "secure aggregation among c1, c2, c3" in f.log("agg")
+
+
+def test_an_aggregator_that_swaps_a_client_s_keys_gets_no_shares(fed: Any) -> None:
+    """The aggregator (sabotaged: in the middle) gives c1's advert a key of its own in
+    the roster, keeping c1's signature, so that the shares sealed to c1 would open with
+    its key. Every client checks each advert's signature against the task's node keys,
+    names c1's keys as changed and shares nothing; the run fails on every side."""
+    f = run(
+        fed,
+        "mitm",
+        1,
+        {"secure_aggregation": SECURE},
+        agg_party={"sabotage": [("secagg-roster", 1, "swap_keys")]},
+    )
+    assert f.wait() == {n: 1 for n in [*CLIENTS, "agg"]}
+    assert "client 'c1' is not in the aggregator's roster with its own keys" in f.log("c1")
+    for c in CLIENTS[1:]:
+        assert f"client '{c}': the roster's keys of c1 do not carry their node's" in f.log(c)
+    assert "0 client(s) got through the key exchange" in f.log("agg")
