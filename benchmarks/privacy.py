@@ -211,7 +211,7 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
     from lightning_fed.fedavg.client_hooks import _change
     from lightning_fed.fedavg.secure_client import _beyond
     from lightning_fed.privacy import SecureAggregation
-    from lightning_fed.privacy.buffers import zeros
+    from lightning_fed.privacy.buffers import RECYCLED
     from lightning_fed.privacy.masking import MaskSum
     from lightning_fed.privacy.quantize import add_packed, pack
     from lightning_fed.privacy.vector import Layout
@@ -226,7 +226,7 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
 
     def once() -> dict[str, float]:
         began = time.perf_counter()  # as SecAggClient.premask, on the key-exchange thread
-        masks = MaskSum(zeros(layout.size, torch.int64), spec.modulus_bits)
+        masks = MaskSum(RECYCLED.take(layout.size, torch.int64), spec.modulus_bits)
         for i, seed in enumerate(seeds):
             masks.add(seed, subtract=i % 2 == 1)
         premasked = masks.reduce()
@@ -242,9 +242,10 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
         wire = pack(masked, spec.modulus_bits, in_place=True)
         client = time.perf_counter() - began
         del vector, premasked
+        RECYCLED.give(masked)  # as the client, once sent
 
         began = time.perf_counter()
-        total = zeros(layout.size, torch.int64)
+        total = RECYCLED.take(layout.size, torch.int64)
         for _ in range(clients):  # as SecAggServer.add_packed, without unpacking
             add_packed(total, wire, spec.modulus_bits)
         total.bitwise_and_((1 << spec.modulus_bits) - 1)
@@ -255,6 +256,7 @@ def secagg_work(mb: int, clients: int) -> dict[str, float]:
         for name, mean in means.items():  # as SecureRoundServer.result makes the new model
             mean.add_(start[name])
         aggregator = time.perf_counter() - began
+        RECYCLED.give(total)
         return {"client_s": client, "premask_s": premask, "aggregator_s": aggregator}
 
     runs = [once() for _ in range(3)]  # the best of three: the first touches fresh memory

@@ -234,6 +234,8 @@ class SecureRoundServer:
             log.warning("aggregator: round %d: %s %s", self.round, culprit, why)
             rejected.setdefault(culprit, why)
         deltas, extras, weight = self.layout.mean(total, len(survivors), self.spec.quantizer)
+        del total
+        server.release()  # the sum's buffer serves the next round
         mean = {}
         for name, delta in deltas.items():
             base = global_state[name]

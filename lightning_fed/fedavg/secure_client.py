@@ -21,6 +21,7 @@ from lightning_fed.fedavg import protocol as P
 from lightning_fed.fedavg.client import ClientRole
 from lightning_fed.fedavg.errors import FedAvgError
 from lightning_fed.fedavg.secure_aggregator import FROM, MASKED, TO, round_context
+from lightning_fed.privacy.buffers import RECYCLED
 from lightning_fed.privacy.errors import SecAggError
 from lightning_fed.privacy.quantize import pack
 from lightning_fed.privacy.secagg import Roster, SecAggClient
@@ -213,8 +214,9 @@ class SecureRoundClient:
 
         masked = self.client.mask_update(encode, layout.size, maskers, spec.modulus_bits)
         tensors = {MASKED: pack(masked, spec.modulus_bits, in_place=True), **states}
-        del masked
         self.role.upload(tensors, 1, metrics, evaluation, self.client.masked_with)
+        del tensors  # sent (written and hashed): its memory serves the next round's masks
+        RECYCLED.give(masked)
 
 
 def _beyond(t: torch.Tensor, clip: float) -> int:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from lightning_fed.privacy import shamir
-from lightning_fed.privacy.buffers import zeros
+from lightning_fed.privacy.buffers import RECYCLED
 from lightning_fed.privacy.errors import SecAggError
 from lightning_fed.privacy.graph import neighbours
 from lightning_fed.privacy.keys import (
@@ -335,7 +335,7 @@ class SecAggClient:
         if not roster.size:
             return
         # One thread: the client is training on the others.
-        masks = MaskSum(zeros(roster.size, torch.int64), modulus_bits)
+        masks = MaskSum(RECYCLED.take(roster.size, torch.int64), modulus_bits)
         masks.add(self._b)
         partners = roster.graph()[self.node]
         for j in partners:
@@ -481,7 +481,7 @@ class SecAggServer:
         self.maskers: list[str] = []  # U2'
         self.helpers: list[str] = []  # who answered step 4: they hold shares to reveal
         # The masked vectors' sum modulo 2**64, reduced modulo 2**modulus_bits to unmask.
-        self.total = zeros(size, torch.int64)
+        self.total = RECYCLED.take(size, torch.int64)
         self.unmasked = False  # unmask() removes the masks from total in place, once
         self.masked: set[str] = set()  # U3
         self.masked_with: dict[str, list[str]] = {}
@@ -590,6 +590,8 @@ class SecAggServer:
 
     def _check_masker(self, sender: str, masked_with: Sequence[str]) -> None:
         roster = self._need_roster()
+        if self.unmasked:
+            raise SecAggError(f"{sender}'s masked vector came after the sum was unmasked already")
         if sender not in self.maskers:
             raise SecAggError(f"{sender} sent a masked vector but was not among the maskers")
         if sender in self.masked:
@@ -709,6 +711,12 @@ class SecAggServer:
             )
         self.unmasked = True
         return masks.reduce()
+
+    def release(self) -> None:
+        """Hand the sum's buffer back for the next round (after :meth:`unmask`, once its
+        result is no longer read); the server adds nothing more."""
+        total, self.total = self.total, torch.zeros(0, dtype=torch.int64)
+        RECYCLED.give(total)
 
     def _need_roster(self) -> Roster:
         if self.roster is None:

@@ -60,3 +60,27 @@ def test_large_buffers_sit_on_huge_pages() -> None:
     assert t.data_ptr() % HUGE_PAGE == 0
     assert _anon_huge_kib() - before >= 64 << 10  # at least half of it on 2 MiB pages
     del t
+
+
+def test_a_given_buffer_comes_back_zeroed_for_its_size_only() -> None:
+    """What a round gives back serves the next take of the same size and dtype, zeroed;
+    views, small tensors and other sizes are not kept."""
+    from lightning_fed.privacy.buffers import Recycler
+
+    kept = Recycler()
+    first = kept.take(1 << 20, torch.int64)
+    first.fill_(7)
+    kept.give(first)
+    again = kept.take(1 << 20, torch.int64)
+    assert again.data_ptr() == first.data_ptr() and not again.any()
+    assert kept.take(1 << 20, torch.int64).data_ptr() != first.data_ptr()  # taken once
+    kept.give(again)
+    assert kept.take(1 << 19, torch.int64).data_ptr() != again.data_ptr()  # other size
+    assert kept.take(1 << 20, torch.int32).data_ptr() != again.data_ptr()  # other dtype
+    view = zeros(1 << 21, torch.int64)[1:]
+    small = torch.zeros(10, dtype=torch.int64)
+    for t in (view, small):
+        kept.give(t)
+        assert kept.take(t.numel(), t.dtype).data_ptr() != t.data_ptr()
+    kept.clear()
+    assert kept.take(1 << 20, torch.int64).data_ptr() != again.data_ptr()

@@ -134,6 +134,9 @@ def test_an_update_written_into_the_masks_sums_alike(premask: bool) -> None:
     assert torch.equal(total, plain_sum(vectors, set(vectors) - {"c2", "c4"}))
     with pytest.raises(SecAggError, match="unmasked already"):
         server.unmask()
+    server.release()  # its buffer serves the next round; nothing more is added
+    with pytest.raises(SecAggError, match="after the sum was unmasked already"):
+        server.add_packed("c0", pack(vectors["c0"], BITS), [])
 
 
 def test_a_masked_vector_alone_looks_uniform_and_reveals_nothing() -> None:
