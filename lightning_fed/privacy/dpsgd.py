@@ -84,12 +84,7 @@ class DPSGDCallback(Callback):
                 f"torch DataLoader over a map-style dataset; the train dataloader is "
                 f"{type(dataloader).__name__} over {dataset}; {hint}"
             )
-        batch_size = dataloader.batch_size
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise SettingError(
-                f"client {self.node!r}: LocalDP needs the train dataloader's batch_size (the "
-                f"mean size of its Poisson batches), got {batch_size!r}; {hint}"
-            )
+        batch_size = self._batch_size(dataloader.batch_size)
         try:
             loader = require_opacus("opacus.data_loader").DPDataLoader.from_data_loader(
                 dataloader, generator=noise_generator()
@@ -101,6 +96,21 @@ class DPSGDCallback(Callback):
             ) from None
         self._expected_batch = batch_size
         return loader
+
+    def _batch_size(self, value: object) -> int:
+        """The train dataloader's ``batch_size``: Opacus averages each noised sum over it
+        (with Poisson sampling, the batches' mean size).
+
+        Raises:
+            SettingError: it is not a whole number >= 1.
+        """
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SettingError(
+                f"client {self.node!r}: LocalDP needs the train dataloader's batch_size "
+                f"(Opacus averages the noised sum over it), got {value!r}; hint: give the "
+                "train dataloader a batch_size"
+            )
+        return value
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,18 +162,16 @@ class DPSGDCallback(Callback):
                 f"client {self.node!r}: LocalDP needs a sized train dataloader (the sample "
                 f"rate is 1 / batches per epoch), got {batches!r} batches"
             )
-        batch_size = self._expected_batch or getattr(trainer.train_dataloader, "batch_size", None)
-        if self.settings.poisson_sampling and self._expected_batch is None:
+        if not self.settings.poisson_sampling:
+            batch_size = self._batch_size(getattr(trainer.train_dataloader, "batch_size", None))
+        elif self._expected_batch is None:
             raise SettingError(
                 f"client {self.node!r}: LocalDP(poisson_sampling=True) but the train "
                 "dataloader was not handed to its Poisson sampler (the client's strategy "
                 "does that); hint: train with FedAvgStrategy, or poisson_sampling=False"
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise SettingError(
-                f"client {self.node!r}: LocalDP needs the train dataloader's batch_size "
-                f"(Opacus averages the noised sum over it), got {batch_size!r}"
-            )
+        else:
+            batch_size = self._expected_batch
         self.sample_rate = 1.0 / batches
         target = self.settings.target_epsilon
         if target is not None and self.accountant.steps == 0:

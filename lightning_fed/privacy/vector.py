@@ -98,10 +98,9 @@ class Layout:
                 f"cannot add a {self.size}-element vector to {add_to.dtype} of shape "
                 f"{tuple(add_to.shape)}"
             )
+        # A new vector is zeros the levels are added to, as to ``add_to``.
         out = zeros(self.size, torch.int64) if add_to is None else add_to
-        levels = (
-            torch.empty(min(CHUNK, self.size), dtype=torch.int64) if add_to is not None else None
-        )
+        levels = torch.empty(min(CHUNK, self.size), dtype=torch.int64)
         offset = 0
         for names, source, w in ((self.weighted, deltas, weight), (self.unweighted, extras, 1)):
             for name in names:
@@ -110,18 +109,9 @@ class Layout:
                 for start in range(0, n, CHUNK):  # each temporary stays in the cache
                     part = out[offset + start : offset + min(n, start + CHUNK)]
                     whole = quantizer.levels_of(flat[start : start + CHUNK])
-                    if levels is None:
-                        part.copy_(whole)
-                        if w != 1:
-                            part.mul_(w)
-                    else:
-                        chunk = levels[: part.numel()]
-                        part.add_(chunk.copy_(whole), alpha=w)
+                    part.add_(levels[: part.numel()].copy_(whole), alpha=w)
                 offset += n
-        if add_to is None:
-            out[-1] = weight
-        else:
-            out[-1] += weight
+        out[-1] += weight
         return out
 
     def mean(
